@@ -1,0 +1,170 @@
+"""Constant-size *sink + window* KV cache for the draft.
+
+The draft's self-attention only ever needs the first ``sink_size`` tokens (attention sinks) and the most recent
+``window_size`` tokens, so everything in between is evicted and the draft's memory does not grow with the context.
+
+Two things make it usable for speculative decoding:
+
+* the cache reports the **absolute** number of tokens it has seen (``get_seq_length``), so RoPE positions and the
+  decode loop's bookkeeping stay right after eviction;
+* a speculative section: between :meth:`SinkWindowCache.begin_speculation` and
+  :meth:`SinkWindowCache.end_speculation` nothing is evicted, so the tokens of a draft tree can be appended level by
+  level and then either dropped or partly kept (the accepted path) by index.
+
+Outside a speculative section the cache behaves like a streaming cache: ``update`` returns all the states the current
+forward needs, then trims what it stores back to ``sink + window``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+class SinkWindowLayer(DynamicLayer):
+    """One layer of a :class:`SinkWindowCache`; stores ``keys``/``values`` as ``[B, H, S, D]``.
+
+    ``S <= sink_size + window_size`` outside a speculative section, plus the speculative tokens inside one.
+    """
+
+    is_sliding = True
+
+    def __init__(self, sink_size: int, window_size: int, **kwargs):
+        super().__init__()
+        if sink_size < 0 or window_size < 1:
+            raise ValueError(f"SinkWindowCache needs sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}.")
+        self.sink_size = sink_size
+        self.window_size = window_size
+        self.cumulative_length = 0  # absolute tokens seen, speculative ones included
+        self.num_speculative = 0  # trailing stored tokens that may still be rolled back
+        self.speculating = False
+
+    @property
+    def capacity(self) -> int:
+        return self.sink_size + self.window_size
+
+    def _evict(self) -> None:
+        """Drop the middle of the committed part so that at most ``sink + window`` committed tokens stay."""
+        stored = self.keys.shape[-2]
+        committed = stored - self.num_speculative
+        if committed <= self.capacity:
+            return
+        keep = torch.cat(
+            [
+                torch.arange(self.sink_size, device=self.keys.device),
+                torch.arange(committed - self.window_size, stored, device=self.keys.device),
+            ]
+        )
+        self.keys = self.keys.index_select(-2, keep)
+        self.values = self.values.index_select(-2, keep)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        full_keys = torch.cat([self.keys, key_states], dim=-2)  # [B, H, S + q, D]
+        full_values = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = full_keys, full_values
+        self.cumulative_length += key_states.shape[-2]
+        if self.speculating:
+            self.num_speculative += key_states.shape[-2]
+        else:
+            self._evict()
+        return full_keys, full_values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_stored_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Stored index i maps to absolute position i + offset for the window part; the sinks map to smaller
+        # positions than their true ones, which keeps them (correctly) visible to every causal query.
+        stored = self.get_stored_length()
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back the newest ``-tokens_to_remove`` speculative tokens (a negative count, as in transformers)."""
+        if tokens_to_remove > 0:
+            raise ValueError("SinkWindowCache.crop takes a negative number of tokens to remove.")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.num_speculative:
+            raise ValueError(
+                f"Cannot roll back {n} tokens: only {self.num_speculative} are speculative, older ones may be evicted. "
+                "Wrap speculative appends in begin_speculation()/end_speculation()."
+            )
+        self.keys = self.keys[..., :-n, :]
+        self.values = self.values[..., :-n, :]
+        self.cumulative_length -= n
+        self.num_speculative -= n
+
+    def end_speculation(self, keep: torch.Tensor | None) -> None:
+        """Keep the speculative tokens at positions ``keep`` (indices into the speculative part, increasing), drop
+        the others, and evict down to ``sink + window``."""
+        if self.is_initialized and self.num_speculative:
+            stored = self.keys.shape[-2]
+            committed = stored - self.num_speculative
+            idx = torch.arange(committed, device=self.keys.device)
+            if keep is not None and keep.numel():
+                idx = torch.cat([idx, keep.to(self.keys.device) + committed])
+            self.keys = self.keys.index_select(-2, idx)
+            self.values = self.values.index_select(-2, idx)
+            kept = 0 if keep is None else keep.numel()
+            self.cumulative_length -= self.num_speculative - kept
+        self.num_speculative = 0
+        self.speculating = False
+        if self.is_initialized:
+            self._evict()
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.num_speculative = 0
+        self.speculating = False
+
+
+class SinkWindowCache(DynamicCache):
+    """A :class:`~transformers.DynamicCache` whose layers keep only ``sink_size`` first and ``window_size`` last tokens.
+
+    Memory is ``O(sink_size + window_size)`` per layer whatever the context length, while ``get_seq_length()`` stays
+    the absolute length. Example::
+
+        cache = SinkWindowCache(sink_size=4, window_size=512, num_layers=1)
+        cache.update(k, v, 0)              # streaming: trims to 4 + 512 after the call
+        cache.begin_speculation()
+        cache.update(k_tree, v_tree, 0)    # kept until end_speculation
+        cache.end_speculation(keep=torch.tensor([0, 2]))
+    """
+
+    def __init__(self, sink_size: int = 4, window_size: int = 512, num_layers: int = 1):
+        self.sink_size = sink_size
+        self.window_size = window_size
+        Cache.__init__(self, layers=[SinkWindowLayer(sink_size, window_size) for _ in range(num_layers)])
+
+    def begin_speculation(self) -> None:
+        for layer in self.layers:
+            layer.speculating = True
+
+    def end_speculation(self, keep: torch.Tensor | None = None) -> None:
+        for layer in self.layers:
+            layer.end_speculation(keep)
+
+    @property
+    def num_speculative(self) -> int:
+        return self.layers[0].num_speculative
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_stored_length()
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored key/value tensors (all layers)."""
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in self.layers
+            if layer.is_initialized
+        )

@@ -1,0 +1,315 @@
+"""The LongSpec draft: one GliDe-style decoder layer on top of a frozen target.
+
+    h = embed(x)                                             (target's embeddings, shared)
+    h = h + SelfAttn(norm1(h))     over the draft's own sink+window cache
+    h = h + CrossAttn(norm2(h))    over the target's last-layer KV cache (committed tokens only)
+    h = h + MLP(norm3(h))          gated (SwiGLU for silu targets)
+    logits = lm_head(h)                                      (target's head, shared; no final norm)
+
+The draft's self-attention keys and values depend only on (token, position) — its input is the embedding — so the
+draft never has to read the whole prompt: :meth:`LongSpecDraftModel.start` computes the KV of the sink and window
+tokens directly, which keeps the draft's prefill as constant-size as its memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+
+from .cache import SinkWindowCache
+from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
+from .drafting import Drafter, DraftState, target_last_layer_kv
+from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x [B, H, q, D]`, `cos/sin [B, q, D]` (as returned by transformers' rotary embedding modules)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class DraftAttention(nn.Module):
+    """Projections of one attention block; the attention itself is computed by the caller's kind (self/cross)."""
+
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def split(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        b, q, _ = x.shape
+        return proj(x).view(b, q, -1, self.head_dim).transpose(1, 2)  # [B, H, q, D]
+
+    def merge(self, attn: torch.Tensor) -> torch.Tensor:
+        b, _, q, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, q, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class BoundTarget:
+    """The target parts the draft shares (held outside the module tree so they are never saved with the draft)."""
+
+    model: PreTrainedModel
+    embed_tokens: nn.Module
+    lm_head: nn.Module
+    rotary_emb: nn.Module
+
+
+def find_rotary_embedding(target: PreTrainedModel) -> nn.Module | None:
+    base = getattr(target, "base_model", target)
+    for owner in (base, getattr(base, "language_model", None)):
+        if owner is not None and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
+            return owner.rotary_emb
+    return None
+
+
+class LongSpecDraftModel(Drafter, PreTrainedModel):
+    """One-layer LongSpec draft. Use it as ``target.generate(input_ids, assistant_model=draft)``.
+
+    Tree settings live on ``draft.generation_config`` (``tree_shape``, default ``[4, 16, 16, 16, 16]``; a chain of
+    ``k`` draft tokens is ``[1] * k``). After each ``generate`` call, ``draft.stats`` holds the decoding statistics.
+    """
+
+    config_class = LongSpecDraftConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _no_split_modules = []
+
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DraftAttention(config)
+        self.post_self_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn = DraftAttention(config)  # k/v projections exist in the official layout but are unused
+        self.post_cross_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+        self.generation_config = GenerationConfig(tree_shape=list(DEFAULT_TREE_SHAPE))
+        self._bound: BoundTarget | None = None
+        self.stats = None
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # construction and binding
+
+    @classmethod
+    def from_target(
+        cls, target: PreTrainedModel, sink_size: int = 4, window_size: int = 512, **config_kwargs
+    ) -> LongSpecDraftModel:
+        """A fresh, randomly initialised draft for ``target``, bound to it, on its device and dtype."""
+        config = LongSpecDraftConfig.from_target_config(
+            target.config, sink_size=sink_size, window_size=window_size, **config_kwargs
+        )
+        draft = cls(config).to(device=target.device, dtype=target.dtype)
+        draft.bind(target)
+        return draft
+
+    @property
+    def target(self) -> PreTrainedModel | None:
+        return None if self._bound is None else self._bound.model
+
+    def bind(self, target: PreTrainedModel) -> None:
+        """Share ``target``'s embeddings, LM head and rotary embedding; refuse a target the draft was not built for."""
+        if self._bound is not None and self._bound.model is target:
+            return
+        check_supported_target(target)
+        text = target.config.get_text_config(decoder=True)
+        mismatches = []
+        for name in BINDING_ATTRIBUTES:
+            expected = getattr(self.config, name)
+            actual = getattr(text, name, None)
+            if name == "num_key_value_heads" and actual is None:
+                actual = text.num_attention_heads
+            if name == "head_dim" and actual is None:
+                actual = text.hidden_size // text.num_attention_heads
+            if expected != actual:
+                mismatches.append(f"{name}={expected} (target has {actual})")
+        if mismatches:
+            raise ValueError(
+                f"This LongSpec draft was built for a different target ({self.config.target_name_or_path or 'unknown'}"
+                f"): {', '.join(mismatches)}. Use a draft trained for this target, or create one with "
+                "LongSpecDraftModel.from_target(target)."
+            )
+        rotary = find_rotary_embedding(target)
+        embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+        if rotary is None or embed is None or head is None:
+            raise ValueError(
+                f"{type(target).__name__} has no rotary embedding / input embeddings / LM head where a LongSpec draft "
+                "expects them; use a causal LM with RoPE (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
+            )
+        self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary)
+
+    def _require_bound(self) -> BoundTarget:
+        if self._bound is None:
+            raise ValueError("This draft is not bound to a target: call draft.bind(target) or pass it to target.generate.")
+        return self._bound
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return None if self._bound is None else self._bound.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None if self._bound is None else self._bound.lm_head
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the layer
+
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._require_bound().rotary_emb(x, position_ids)
+
+    def self_attention_kv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """KV of the self-attention for embeddings `hidden [B, q, hidden]`: `([B, Hkv, q, D], [B, Hkv, q, D])`."""
+        x = self.input_layernorm(hidden)
+        k = apply_rope(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
+        v = self.self_attn.split(x, self.self_attn.v_proj)
+        return k, v
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        target_key: torch.Tensor,
+        target_value: torch.Tensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Run the draft layer and return logits `[B, q, V]`.
+
+        Args:
+            input_ids: `[B, q]` tokens.
+            position_ids: `[B, q]` absolute positions (also used for the cross-attention queries).
+            target_key / target_value: `[B, Hkv, L, D]` target last-layer KV (post-RoPE) the draft may see.
+            past_key_values: the draft's cache (a [`SinkWindowCache`]); new KV are appended to it.
+            attention_mask: additive `[B, 1, q, S]` mask over the self-attention keys (cache + new tokens); `None`
+                means every key is visible (only valid when `q == 1`).
+            cross_attention_mask: additive `[B, 1, q, L]` mask over the target's keys, or `None` (all visible).
+        """
+        bound = self._require_bound()
+        hidden = bound.embed_tokens(input_ids)  # [B, q, hidden]
+        cos, sin = self._rope(hidden, position_ids)
+
+        # 1. self-attention over the draft's own sink+window cache
+        x = self.input_layernorm(hidden)
+        q = apply_rope(self.self_attn.split(x, self.self_attn.q_proj), cos, sin)
+        k = apply_rope(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
+        v = self.self_attn.split(x, self.self_attn.v_proj)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, 0)
+        mask = None if attention_mask is None else attention_mask.to(q.dtype)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, q, D]
+        hidden = hidden + self.self_attn.merge(attn)
+
+        # 2. cross-attention over the target's last-layer KV cache
+        x = self.post_self_attention_layernorm(hidden)
+        q = apply_rope(self.cross_attn.split(x, self.cross_attn.q_proj), cos, sin)
+        mask = None if cross_attention_mask is None else cross_attention_mask.to(q.dtype)
+        attn = F.scaled_dot_product_attention(
+            q, target_key.to(q.dtype), target_value.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )
+        hidden = hidden + self.cross_attn.merge(attn)
+
+        # 3. MLP, then straight into the target's head (no final norm, as in the official checkpoints)
+        hidden = hidden + self.mlp(self.post_cross_attention_layernorm(hidden))
+        return bound.lm_head(hidden)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Drafter protocol (used by the decode loop)
+
+    def start(self, input_ids: torch.LongTensor, target_cache: Cache) -> DraftState:
+        """Fill a fresh sink+window cache with the prompt `input_ids [1, n]`, computing only the KV it keeps."""
+        bound = self._require_bound()
+        n = input_ids.shape[1]
+        sink, window = self.config.sink_size, self.config.window_size
+        if n <= sink + window:
+            keep = torch.arange(n, device=input_ids.device)
+        else:
+            keep = torch.cat(
+                [torch.arange(sink, device=input_ids.device), torch.arange(n - window, n, device=input_ids.device)]
+            )
+        cache = SinkWindowCache(sink_size=sink, window_size=window, num_layers=1)
+        hidden = bound.embed_tokens(input_ids[:, keep])
+        cos, sin = self._rope(hidden, keep[None])
+        k, v = self.self_attention_kv(hidden, cos, sin)
+        cache.update(k, v, 0)
+        cache.layers[0].cumulative_length = n  # the evicted middle still counts towards absolute positions
+        return DraftState(cache=cache)
+
+    def draft(self, state: DraftState, root_token: torch.Tensor, root_position: int, target_cache: Cache,
+              tree_shape: tuple[int, ...]) -> DraftTree:
+        cache: SinkWindowCache = state.cache
+        target_key, target_value = target_last_layer_kv(target_cache)
+        committed = cache.get_stored_length()
+        cache.begin_speculation()
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, tree_bias: torch.Tensor) -> torch.Tensor:
+            m = tokens.shape[0]
+            # Committed cache entries are visible to every node; tree entries follow the tree mask.
+            bias = torch.cat([tree_bias.new_zeros(m, committed), tree_bias], dim=-1)[None, None]
+            logits = self(tokens[None], positions[None], target_key, target_value, cache, bias)
+            return logits[0]
+
+        return build_beam_tree(step, root_token, root_position, tree_shape)
+
+    def commit(self, state: DraftState, tokens: torch.LongTensor, start_position: int) -> None:
+        """Replace the speculative entries by the KV of the accepted `tokens [1, a]` (root first).
+
+        Recomputing is exact (the KV depend only on token and position) and also covers accepted leaves, which
+        never went through a draft forward.
+        """
+        state.cache.end_speculation(None)
+        hidden = self._require_bound().embed_tokens(tokens)
+        positions = torch.arange(start_position, start_position + tokens.shape[1], device=tokens.device)[None]
+        cos, sin = self._rope(hidden, positions)
+        state.cache.update(*self.self_attention_kv(hidden, cos, sin), 0)
+
+
+def check_supported_target(target: PreTrainedModel) -> None:
+    """Refuse targets the engine cannot verify trees on, with the fix in the message."""
+    config = target.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(target).__name__} is an encoder-decoder model; LongSpec drafts work with decoder-only causal LMs."
+        )
+    if not getattr(target, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(target).__name__} does not use transformers' AttentionInterface, which tree verification needs; "
+            "use a causal LM that does (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
+        )

@@ -1,0 +1,115 @@
+"""Tiny random targets of several families, built from configs (nothing is downloaded), and an oracle drafter."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from longspec_hf import DraftState, Drafter, build_beam_tree
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    # A wide init spreads the logits, so fp32 reorderings of the same sums never flip a greedy argmax.
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    # A window smaller than the long prompts, so the sliding-window path of verification is exercised.
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 48}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {"hidden_activation": "gelu_pytorch_tanh"}),
+}
+
+
+@functools.cache
+def tiny_target(family: str, seed: int = 0):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra})
+    model = model_cls(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=0, eos_token_id=None)
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def random_prompt(length: int, seed: int = 0) -> torch.LongTensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (1, length), generator=g)
+
+
+def plain_greedy(target, input_ids, **kwargs) -> torch.LongTensor:
+    return target.generate(input_ids, do_sample=False, **kwargs)
+
+
+class OracleDrafter(Drafter):
+    """Drafts the target's own greedy continuation (known in advance), corrupted at chosen positions.
+
+    Every node at position p proposes ``reference[p + 1]`` as its best child, so the beam tree always contains the
+    reference path up to the first corrupted position: long accepted runs, then a forced rejection.
+    """
+
+    def __init__(self, target, reference: torch.LongTensor, tree_shape, corrupt_every: int = 0, seed: int = 0):
+        self.config = target.config
+        self.generation_config = GenerationConfig(tree_shape=list(tree_shape))
+        self.reference = reference[0]
+        self.corrupt_every = corrupt_every
+        self.g = torch.Generator().manual_seed(seed)
+        self.stats = None
+
+    def bind(self, target) -> None:
+        pass
+
+    def start(self, input_ids, target_cache) -> DraftState:
+        return DraftState(cache=None)
+
+    def _next(self, position: int) -> int:
+        if position + 1 >= self.reference.numel():
+            return int(torch.randint(VOCAB, (1,), generator=self.g))
+        token = int(self.reference[position + 1])
+        if self.corrupt_every and (position + 1) % self.corrupt_every == 0:
+            token = (token + 1) % VOCAB
+        return token
+
+    def draft(self, state, root_token, root_position, target_cache, tree_shape):
+        def step(tokens, positions, tree_bias):
+            logits = torch.randn(tokens.shape[0], VOCAB, generator=self.g)
+            for i, p in enumerate(positions.tolist()):
+                logits[i, self._next(p)] = 20.0
+            return logits
+
+        return build_beam_tree(step, root_token, root_position, tree_shape)
+
+    def commit(self, state, tokens, start_position) -> None:
+        pass

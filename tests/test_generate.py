@@ -1,0 +1,119 @@
+"""Greedy losslessness: generate(assistant_model=draft) is token-identical to plain greedy generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, OracleDrafter, plain_greedy, random_prompt, tiny_target
+
+from longspec_hf import LongSpecDraftModel
+
+TREES = {"chain": [1, 1, 1, 1], "beam": [4, 16, 16, 16, 16], "narrow": [2, 3, 2]}
+
+
+def make_draft(target, tree, sink=4, window=16, seed=1):
+    torch.manual_seed(seed)
+    draft = LongSpecDraftModel.from_target(target, sink_size=sink, window_size=window)
+    draft.generation_config.tree_shape = list(tree)
+    return draft
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("prompt_len", [5, 120])
+def test_random_draft_is_lossless(family, tree, prompt_len):
+    target = tiny_target(family)
+    ids = random_prompt(prompt_len, seed=prompt_len)
+    expected = plain_greedy(target, ids, max_new_tokens=24)
+    draft = make_draft(target, TREES[tree])
+    out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=24)
+    assert torch.equal(out, expected)
+    assert draft.stats.new_tokens == 24
+    assert draft.stats.rounds >= 1
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("corrupt_every", [0, 5])
+def test_long_accepted_runs_are_lossless(family, tree, corrupt_every):
+    target = tiny_target(family)
+    ids = random_prompt(70, seed=3)
+    expected = plain_greedy(target, ids, max_new_tokens=40)
+    oracle = OracleDrafter(target, expected, TREES[tree], corrupt_every=corrupt_every)
+    out = target.generate(ids, assistant_model=oracle, do_sample=False, max_new_tokens=40)
+    assert torch.equal(out, expected)
+    depth = len(TREES[tree])
+    # The oracle's path is always in the tree: runs are as long as the tree (or the next corrupted token) allows.
+    longest = depth if corrupt_every == 0 else min(depth, corrupt_every - 1)
+    assert max(oracle.stats.acceptance_lengths) == longest
+    if corrupt_every == 0:
+        assert oracle.stats.tau > depth  # every round but possibly the last accepts the whole depth
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
+def test_max_new_tokens_is_exact(max_new_tokens):
+    target = tiny_target("llama")
+    ids = random_prompt(30, seed=5)
+    expected = plain_greedy(target, ids, max_new_tokens=max_new_tokens)
+    oracle = OracleDrafter(target, plain_greedy(target, ids, max_new_tokens=20), TREES["beam"])
+    out = target.generate(ids, assistant_model=oracle, do_sample=False, max_new_tokens=max_new_tokens)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_stops_at_eos_inside_an_accepted_run(family_name):
+    target = tiny_target(family_name)
+    ids = random_prompt(40, seed=7)
+    reference = plain_greedy(target, ids, max_new_tokens=30)
+    # An EOS that first appears in the middle of the continuation, where the oracle's runs are long.
+    generated = reference[0, ids.shape[1]:].tolist()
+    eos = next(t for t in generated[3:] if generated.index(t) >= 3)
+    expected = plain_greedy(target, ids, max_new_tokens=30, eos_token_id=eos)
+    assert expected.shape[1] < reference.shape[1]
+    oracle = OracleDrafter(target, reference, TREES["chain"])
+    out = target.generate(ids, assistant_model=oracle, do_sample=False, max_new_tokens=30, eos_token_id=eos)
+    assert torch.equal(out, expected)
+
+
+def test_logits_processors_apply_per_token():
+    target = tiny_target("qwen2")
+    ids = random_prompt(25, seed=11)
+    kwargs = dict(max_new_tokens=30, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    expected = plain_greedy(target, ids, **kwargs)
+    oracle = OracleDrafter(target, expected, TREES["beam"])
+    out = target.generate(ids, assistant_model=oracle, do_sample=False, **kwargs)
+    assert torch.equal(out, expected)
+    assert oracle.stats.accepted_tokens > 0
+
+
+def test_stats_and_return_dict():
+    target = tiny_target("llama")
+    ids = random_prompt(20, seed=2)
+    expected = plain_greedy(target, ids, max_new_tokens=16)
+    oracle = OracleDrafter(target, expected, [1, 1, 1])
+    out = target.generate(ids, assistant_model=oracle, max_new_tokens=16, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    stats = oracle.stats
+    assert stats.new_tokens == 16
+    assert stats.accepted_tokens + stats.rounds + 1 == 16  # every round adds accepted + bonus; the prefill adds 1
+    assert stats.tau == pytest.approx((stats.accepted_tokens + stats.rounds) / stats.rounds)
+    # The returned cache holds KV for every token but the last, as after plain decoding.
+    assert out.past_key_values.get_seq_length() == expected.shape[1] - 1
+
+
+def test_plain_generate_is_untouched():
+    target = tiny_target("llama")
+    ids = random_prompt(12, seed=4)
+    a = target.generate(ids, do_sample=False, max_new_tokens=8)
+    b = target.generate(ids, do_sample=False, max_new_tokens=8)
+    assert torch.equal(a, b)
+    assert target.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_generation_config_object_is_honoured():
+    from transformers import GenerationConfig
+
+    target = tiny_target("mistral")
+    ids = random_prompt(60, seed=8)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False)
+    expected = target.generate(ids, generation_config=config)
+    out = target.generate(ids, generation_config=config, assistant_model=make_draft(target, TREES["narrow"]))
+    assert torch.equal(out, expected)
