@@ -6,6 +6,8 @@
     print(draft.stats.tau)
 """
 
+from transformers import AutoConfig, AutoModel
+
 from .attention import HYBRID_ATTENTION_NAME, hybrid_tree_attention, register_hybrid_attention
 from .cache import SinkWindowCache, SinkWindowLayer
 from .configuration import LongSpecDraftConfig
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 
 register_hybrid_attention()
 install_generation_hook()
+AutoConfig.register(LongSpecDraftConfig.model_type, LongSpecDraftConfig, exist_ok=True)
+AutoModel.register(LongSpecDraftConfig, LongSpecDraftModel, exist_ok=True)
 
 __all__ = [
     "DEFAULT_TREE_SHAPE",
