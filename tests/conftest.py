@@ -20,7 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from longspec_hf import DraftState, Drafter, build_beam_tree
+from longspec_hf import Drafter, DraftState, build_beam_tree
 
 VOCAB = 96
 COMMON = dict(

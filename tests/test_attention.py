@@ -65,7 +65,9 @@ BACKENDS = sorted(set(available_backends("cpu")) | {"auto"})
 @pytest.mark.parametrize("q_len", [1, 5, 17])
 def test_matches_dense(backend, heads, b, p, q_len):
     q, k, v, mask = make_case(b, *heads, p, q_len, seed=p * 31 + q_len)
-    out, weights = hybrid_tree_attention(None, q, k, v, mask, scaling=0.25, tree_prefix_len=p, tree_attn_backend=backend)
+    out, weights = hybrid_tree_attention(
+        None, q, k, v, mask, scaling=0.25, tree_prefix_len=p, tree_attn_backend=backend
+    )
     assert weights is None and out.shape == (b, q_len, heads[0], 16) and out.is_contiguous()
     torch.testing.assert_close(out, dense_reference(q, k, v, mask, 0.25), atol=1e-5, rtol=0)
 

@@ -32,7 +32,9 @@ class SinkWindowLayer(DynamicLayer):
     def __init__(self, sink_size: int, window_size: int, **kwargs):
         super().__init__()
         if sink_size < 0 or window_size < 1:
-            raise ValueError(f"SinkWindowCache needs sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}.")
+            raise ValueError(
+                f"SinkWindowCache needs sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}."
+            )
         self.sink_size = sink_size
         self.window_size = window_size
         self.cumulative_length = 0  # absolute tokens seen, speculative ones included

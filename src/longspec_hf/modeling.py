@@ -179,7 +179,9 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
     def _require_bound(self) -> BoundTarget:
         if self._bound is None:
-            raise ValueError("This draft is not bound to a target: call draft.bind(target) or pass it to target.generate.")
+            raise ValueError(
+                "This draft is not bound to a target: call draft.bind(target) or pass it to target.generate."
+            )
         return self._bound
 
     def get_input_embeddings(self) -> nn.Module | None:

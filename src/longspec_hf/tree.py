@@ -49,7 +49,9 @@ class DraftTree:
 def validate_tree_shape(tree_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(k) for k in tree_shape)
     if any(k < 1 for k in shape):
-        raise ValueError(f"tree_shape must be a list of positive widths, e.g. [4, 16, 16] or [1, 1, 1]; got {tree_shape}.")
+        raise ValueError(
+            f"tree_shape must be a list of positive widths, e.g. [4, 16, 16] or [1, 1, 1]; got {tree_shape}."
+        )
     return shape
 
 
