@@ -117,3 +117,29 @@ def test_generation_config_object_is_honoured():
     expected = target.generate(ids, generation_config=config)
     out = target.generate(ids, generation_config=config, assistant_model=make_draft(target, TREES["narrow"]))
     assert torch.equal(out, expected)
+
+
+def test_only_verification_uses_the_hybrid_attention(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longspec_hf import HYBRID_ATTENTION_NAME
+
+    calls = {"sdpa": [], HYBRID_ATTENTION_NAME: []}
+    for name in calls:
+        original = ALL_ATTENTION_FUNCTIONS[name]
+
+        def spy(module, query, *args, _name=name, _original=original, **kwargs):
+            calls[_name].append((query.shape[2], kwargs.get("tree_prefix_len")))
+            return _original(module, query, *args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, name, spy)
+    target = tiny_target("llama")
+    ids = random_prompt(30, seed=1)
+    draft = make_draft(target, TREES["narrow"])
+    target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=10)
+    layers = target.config.num_hidden_layers
+    assert calls["sdpa"] == [(30, None)] * layers  # the prefill, with the target's own attention
+    assert len(calls[HYBRID_ATTENTION_NAME]) == draft.stats.rounds * layers
+    assert all(prefix is not None and q_len == 1 + 2 + 3 + 2
+               for q_len, prefix in calls[HYBRID_ATTENTION_NAME][:layers])
+    assert target.config._attn_implementation == "sdpa"

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .attention import HYBRID_ATTENTION_NAME, register_hybrid_attention
+from .attention import HYBRID_ATTENTION_NAME
 from .tree import DraftTree, tree_attention_bias
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -69,7 +69,6 @@ def verify_tree(
 
     The tree's KV is appended to `cache`; :func:`compact_cache` keeps the accepted path afterwards.
     """
-    register_hybrid_attention()
     prefix_len = cache.get_seq_length()
     types, window = layer_attention_types(target.config)
     dtype = target.dtype
