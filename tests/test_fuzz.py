@@ -12,7 +12,7 @@ from longspec_hf import LongSpecDraftModel
 tree_shapes = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=5)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     family=st.sampled_from(sorted(FAMILIES)),
     tree_shape=tree_shapes,
