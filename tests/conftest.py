@@ -74,16 +74,19 @@ def plain_greedy(target, input_ids, **kwargs) -> torch.LongTensor:
 
 
 class OracleDrafter(Drafter):
-    """Drafts the target's own greedy continuation (known in advance), corrupted at chosen positions.
+    """Drafts the target's own continuation (known in advance), corrupted at chosen positions.
 
-    Every node at position p proposes ``reference[p + 1]`` as its best child, so the beam tree always contains the
-    reference path up to the first corrupted position: long accepted runs, then a forced rejection.
+    Every node at position p of row b proposes ``references[b][p + 1]`` as its best child, so the beam tree always
+    contains the reference path up to the first corrupted position: long accepted runs, then a forced rejection.
+    ``references`` are per-row token sequences in position space (prompt without padding + continuation).
     """
 
-    def __init__(self, target, reference: torch.LongTensor, tree_shape, corrupt_every: int = 0, seed: int = 0):
+    def __init__(self, target, references, tree_shape, corrupt_every: int = 0, seed: int = 0):
         self.config = target.config
         self.generation_config = GenerationConfig(tree_shape=list(tree_shape))
-        self.reference = reference[0]
+        if isinstance(references, torch.Tensor):
+            references = list(references)
+        self.references = [r.flatten() for r in references]
         self.corrupt_every = corrupt_every
         self.g = torch.Generator().manual_seed(seed)
         self.stats = None
@@ -91,25 +94,32 @@ class OracleDrafter(Drafter):
     def bind(self, target) -> None:
         pass
 
-    def start(self, input_ids, target_cache) -> DraftState:
-        return DraftState(cache=None)
+    def start(self, input_ids, attention_mask, target_state) -> DraftState:
+        return DraftState(cache=None, extra={"rows": list(range(input_ids.shape[0]))})
 
-    def _next(self, position: int) -> int:
-        if position + 1 >= self.reference.numel():
+    def _next(self, row: int, position: int) -> int:
+        reference = self.references[row]
+        if position + 1 >= reference.numel():
             return int(torch.randint(VOCAB, (1,), generator=self.g))
-        token = int(self.reference[position + 1])
+        token = int(reference[position + 1])
         if self.corrupt_every and (position + 1) % self.corrupt_every == 0:
             token = (token + 1) % VOCAB
         return token
 
-    def draft(self, state, root_token, root_position, target_cache, tree_shape):
+    def draft(self, state, root_tokens, root_positions, target_state, tree_shape):
+        rows = state.extra["rows"]
+
         def step(tokens, positions, tree_bias):
-            logits = torch.randn(tokens.shape[0], VOCAB, generator=self.g)
-            for i, p in enumerate(positions.tolist()):
-                logits[i, self._next(p)] = 20.0
+            logits = torch.randn(*tokens.shape, VOCAB, generator=self.g)
+            for i, row_positions in enumerate(positions.tolist()):
+                for j, p in enumerate(row_positions):
+                    logits[i, j, self._next(rows[i], p)] = 20.0
             return logits
 
-        return build_beam_tree(step, root_token, root_position, tree_shape)
+        return build_beam_tree(step, root_tokens, root_positions, tree_shape)
 
-    def commit(self, state, tokens, start_position) -> None:
+    def commit(self, state, tokens, valid, start_positions) -> None:
         pass
+
+    def select_rows(self, state, rows) -> None:
+        state.extra["rows"] = [state.extra["rows"][i] for i in rows.tolist()]

@@ -31,8 +31,8 @@ def test_config_inherits_target_geometry():
 def test_draft_cache_is_constant_size_for_long_prompts():
     target = tiny_target("llama")
     draft = LongSpecDraftModel.from_target(target, sink_size=4, window_size=16)
-    cache_1k = draft.start(random_prompt(1000), None).cache
-    cache_8k = draft.start(random_prompt(8000), None).cache
+    cache_1k = draft.start(random_prompt(1000), None, None).cache
+    cache_8k = draft.start(random_prompt(8000), None, None).cache
     assert isinstance(cache_8k, SinkWindowCache)
     assert cache_1k.nbytes() == cache_8k.nbytes()
     assert cache_8k.get_seq_length() == 8000 and cache_8k.get_stored_length() == 20
@@ -43,7 +43,7 @@ def test_prefill_shortcut_equals_running_the_layer():
     target = tiny_target("mistral")
     draft = LongSpecDraftModel.from_target(target, sink_size=3, window_size=10)
     ids = random_prompt(40)
-    shortcut = draft.start(ids, None).cache
+    shortcut = draft.start(ids, None, None).cache
     full = SinkWindowCache(3, 10)
     kv = torch.zeros(1, 2, 1, 16)
     draft(ids, torch.arange(40)[None], kv, kv, full, torch.zeros(1, 1, 40, 40).triu(1) * -1e9)

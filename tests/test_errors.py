@@ -43,10 +43,44 @@ def test_architecture_without_attention_interface_is_refused():
     assert "AttentionInterface" in one_line(err)
 
 
-def test_batch_larger_than_one_is_refused(target, draft):
+def test_right_padding_is_refused(target, draft):
     ids = torch.cat([random_prompt(8, 1), random_prompt(8, 2)])
-    with pytest.raises(NotImplementedError) as err:
-        target.generate(ids, assistant_model=draft, max_new_tokens=4)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError) as err:
+        target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=4)
+    assert "padding_side = 'left'" in one_line(err)
+
+
+def test_mask_with_holes_is_refused(target, draft):
+    ids = random_prompt(8)
+    mask = torch.ones_like(ids)
+    mask[0, 3] = 0
+    with pytest.raises(ValueError) as err:
+        target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=2)
+    assert "left padding" in one_line(err)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_beams": 2}, {"num_beams": 2, "do_sample": True}])
+def test_beam_search_with_a_draft_is_refused(target, draft, kwargs):
+    with pytest.raises(ValueError) as err:
+        target.generate(random_prompt(8), assistant_model=draft, max_new_tokens=4, **kwargs)
+    assert "num_beams=1" in one_line(err)
+
+
+def test_streaming_a_batch_is_refused(target, draft):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):  # accepts a batched prompt, unlike TextStreamer
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    ids = torch.cat([random_prompt(8, 1), random_prompt(8, 2)])
+    with pytest.raises(ValueError) as err:
+        target.generate(ids, assistant_model=draft, max_new_tokens=4, streamer=Recorder())
     assert "batch size 1" in one_line(err)
 
 
@@ -56,20 +90,20 @@ def test_empty_prompt_is_refused(target, draft):
     assert "at least one token" in one_line(err)
 
 
+def test_fully_padded_row_is_refused(target, draft):
+    ids = torch.cat([random_prompt(6, 1), random_prompt(6, 2)])
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(ValueError) as err:
+        target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=2)
+    assert "at least one token" in one_line(err)
+
+
 def test_prompt_longer_than_the_target_is_refused(target, draft):
     too_long = random_prompt(target.config.max_position_embeddings + 1)
     with pytest.raises(ValueError) as err:
         target.generate(too_long, assistant_model=draft, max_new_tokens=1)
     assert "truncate" in one_line(err)
-
-
-def test_padding_is_refused(target, draft):
-    ids = random_prompt(8)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError) as err:
-        target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=2)
-    assert "padding" in one_line(err)
 
 
 def test_output_scores_is_refused(target, draft):

@@ -21,10 +21,44 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
+def sink_window_slots(valid: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which entries a sink+window cache keeps, per row, right-aligned.
+
+    Args:
+        valid: `[B, S]` bool, which stored entries hold a real token (rows may have padding or holes).
+        sink, window: keep the first `sink` and the last `window` valid entries of each row.
+
+    Returns:
+        `(src [B, C], kept [B, C])`: source index of each kept entry, rows right-aligned to a common length `C`
+        (left slots of shorter rows are padding: `kept` False, `src` 0).
+    """
+    rank = valid.cumsum(-1) - 1  # [B, S] rank of each valid entry
+    count = valid.sum(-1, keepdim=True)  # [B, 1]
+    keep = valid & ((rank < sink) | (rank >= count - window))
+    kept_per_row = keep.sum(-1)  # [B]
+    length = int(kept_per_row.max()) if keep.numel() else 0
+    dst = length - kept_per_row[:, None] + keep.cumsum(-1) - 1  # [B, S] destination of each kept entry
+    src = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
+    kept = torch.zeros(valid.shape[0], length, dtype=torch.bool, device=valid.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    src[rows, dst[rows, cols]] = cols
+    kept[rows, dst[rows, cols]] = True
+    return src, kept
+
+
+def gather_slots(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`x [B, H, S, D]`, `src [B, C]` -> `[B, H, C, D]`."""
+    b, h, _, d = x.shape
+    return x.gather(2, src[:, None, :, None].expand(b, h, src.shape[1], d))
+
+
 class SinkWindowLayer(DynamicLayer):
     """One layer of a :class:`SinkWindowCache`; stores ``keys``/``values`` as ``[B, H, S, D]``.
 
-    ``S <= sink_size + window_size`` outside a speculative section, plus the speculative tokens inside one.
+    ``S <= sink_size + window_size`` outside a speculative section, plus the speculative tokens inside one. In a
+    batch, rows can hold different numbers of real tokens (left padding, different acceptance lengths): ``valid``
+    (`[B, S]` bool, ``None`` when every entry is real) says which entries attention must see; rows are kept
+    right-aligned so the newest tokens of every row share the last slots.
     """
 
     is_sliding = True
@@ -37,7 +71,8 @@ class SinkWindowLayer(DynamicLayer):
             )
         self.sink_size = sink_size
         self.window_size = window_size
-        self.cumulative_length = 0  # absolute tokens seen, speculative ones included
+        self.valid: torch.Tensor | None = None
+        self.cumulative_length = 0  # slots ever appended (the absolute length for an unpadded row)
         self.num_speculative = 0  # trailing stored tokens that may still be rolled back
         self.speculating = False
 
@@ -45,28 +80,39 @@ class SinkWindowLayer(DynamicLayer):
     def capacity(self) -> int:
         return self.sink_size + self.window_size
 
+    def _append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        stored = self.get_stored_length()
+        if valid is not None and self.valid is None:
+            self.valid = torch.ones(keys.shape[0], stored, dtype=torch.bool, device=keys.device)
+        if self.valid is not None:
+            new = valid if valid is not None else torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool,
+                                                             device=keys.device)
+            self.valid = torch.cat([self.valid, new], dim=-1)
+        self.keys = torch.cat([self.keys, keys], dim=-2)  # [B, H, S + q, D]
+        self.values = torch.cat([self.values, values], dim=-2)
+        self.cumulative_length += keys.shape[-2]
+
     def _evict(self) -> None:
-        """Drop the middle of the committed part so that at most ``sink + window`` committed tokens stay."""
-        stored = self.keys.shape[-2]
-        committed = stored - self.num_speculative
-        if committed <= self.capacity:
+        """Keep the sink and window tokens of each row's committed part; speculative tokens stay."""
+        committed = self.get_stored_length() - self.num_speculative
+        if self.valid is None and committed <= self.capacity:
             return
-        keep = torch.cat(
-            [
-                torch.arange(self.sink_size, device=self.keys.device),
-                torch.arange(committed - self.window_size, stored, device=self.keys.device),
-            ]
-        )
-        self.keys = self.keys.index_select(-2, keep)
-        self.values = self.values.index_select(-2, keep)
+        valid = self.valid[:, :committed] if self.valid is not None else torch.ones(
+            self.keys.shape[0], committed, dtype=torch.bool, device=self.keys.device)
+        src, kept = sink_window_slots(valid, self.sink_size, self.window_size)
+        spec = slice(committed, None)
+        self.keys = torch.cat([gather_slots(self.keys[:, :, :committed], src), self.keys[:, :, spec]], dim=-2)
+        self.values = torch.cat([gather_slots(self.values[:, :, :committed], src), self.values[:, :, spec]], dim=-2)
+        if self.valid is not None:
+            self.valid = torch.cat([kept, self.valid[:, spec]], dim=-1)
+        if self.valid is not None and bool(self.valid.all()):
+            self.valid = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        full_keys = torch.cat([self.keys, key_states], dim=-2)  # [B, H, S + q, D]
-        full_values = torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = full_keys, full_values
-        self.cumulative_length += key_states.shape[-2]
+        self._append(key_states, value_states, None)
+        full_keys, full_values = self.keys, self.values
         if self.speculating:
             self.num_speculative += key_states.shape[-2]
         else:
@@ -102,20 +148,23 @@ class SinkWindowLayer(DynamicLayer):
             )
         self.keys = self.keys[..., :-n, :]
         self.values = self.values[..., :-n, :]
+        if self.valid is not None:
+            self.valid = self.valid[:, :-n]
         self.cumulative_length -= n
         self.num_speculative -= n
 
     def end_speculation(self, keep: torch.Tensor | None) -> None:
-        """Keep the speculative tokens at positions ``keep`` (indices into the speculative part, increasing), drop
-        the others, and evict down to ``sink + window``."""
+        """Keep the speculative tokens at positions ``keep`` (indices into the speculative part, increasing, the
+        same for every row), drop the others, and evict down to ``sink + window``."""
         if self.is_initialized and self.num_speculative:
-            stored = self.keys.shape[-2]
-            committed = stored - self.num_speculative
+            committed = self.get_stored_length() - self.num_speculative
             idx = torch.arange(committed, device=self.keys.device)
             if keep is not None and keep.numel():
                 idx = torch.cat([idx, keep.to(self.keys.device) + committed])
             self.keys = self.keys.index_select(-2, idx)
             self.values = self.values.index_select(-2, idx)
+            if self.valid is not None:
+                self.valid = self.valid.index_select(-1, idx)
             kept = 0 if keep is None else keep.numel()
             self.cumulative_length -= self.num_speculative - kept
         self.num_speculative = 0
@@ -123,8 +172,21 @@ class SinkWindowLayer(DynamicLayer):
         if self.is_initialized:
             self._evict()
 
+    def commit(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Drop every speculative token, append `keys/values [B, H, a, D]` (entries where `valid [B, a]` is False
+        are placeholders of rows that committed fewer tokens), and evict per row."""
+        self.end_speculation(None)
+        self._append(keys, values, valid)
+        self._evict()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.valid is not None:
+            self.valid = self.valid[indices]
+
     def reset(self) -> None:
         super().reset()
+        self.valid = None
         self.cumulative_length = 0
         self.num_speculative = 0
         self.speculating = False
@@ -155,6 +217,10 @@ class SinkWindowCache(DynamicCache):
     def end_speculation(self, keep: torch.Tensor | None = None) -> None:
         for layer in self.layers:
             layer.end_speculation(keep)
+
+    def commit(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Single-layer caches only (the draft's): see :meth:`SinkWindowLayer.commit`."""
+        self.layers[0].commit(keys, values, valid)
 
     @property
     def num_speculative(self) -> int:

@@ -22,8 +22,9 @@ class DraftState:
 class Drafter:
     """Mixin marking an ``assistant_model`` that the LongSpec decode loop drives.
 
-    A drafter is bound to the target, starts from the prompt, proposes a token tree per round and is told which
-    tokens were committed. It must not change the target cache.
+    A drafter is bound to the target, starts from the prompts, proposes one token tree per row and round, and is
+    told which tokens each row committed. It reads the target's state but never changes it. Shapes: `B` rows,
+    `n` prompt tokens, `a` committed tokens per round (rows that committed fewer carry invalid placeholders).
     """
 
     is_longspec_drafter = True
@@ -31,19 +32,27 @@ class Drafter:
     def bind(self, target) -> None:
         raise NotImplementedError
 
-    def start(self, input_ids: torch.LongTensor, target_cache: Cache) -> DraftState:
-        """Prepare the draft for a prompt `input_ids [1, n]` whose target KV is in `target_cache`."""
+    def start(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, target_state) -> DraftState:
+        """Prepare for prompts `input_ids [B, n]` (left-padded where `attention_mask [B, n]` is 0)."""
         raise NotImplementedError
 
     def draft(
-        self, state: DraftState, root_token: torch.Tensor, root_position: int, target_cache: Cache,
+        self, state: DraftState, root_tokens: torch.Tensor, root_positions: torch.Tensor, target_state,
         tree_shape: tuple[int, ...],
     ) -> DraftTree:
-        """Propose a tree rooted at the newest committed token (`root_token`, whose target KV is not cached yet)."""
+        """Propose a tree per row, rooted at its newest committed token (`root_tokens [B]` at `root_positions [B]`,
+        whose target KV is not cached yet); `target_state` is a :class:`~longspec_hf.verify.TargetState`."""
         raise NotImplementedError
 
-    def commit(self, state: DraftState, tokens: torch.LongTensor, start_position: int) -> None:
-        """Drop the speculative state and record the committed tokens `tokens [1, a]` starting at `start_position`."""
+    def commit(
+        self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor, start_positions: torch.Tensor
+    ) -> None:
+        """Drop the speculative state and record the committed `tokens [B, a]` (where `valid [B, a]`), the first
+        one of each row at `start_positions [B]`."""
+        raise NotImplementedError
+
+    def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (finished rows are dropped)."""
         raise NotImplementedError
 
 

@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .drafting import Drafter
 from .tree import validate_tree_shape
-from .verify import accept_path, compact_cache, verify_tree
+from .verify import TargetState, accept_path, compact, verify_tree
 
 
 @dataclass
@@ -59,28 +59,37 @@ class SpeculativeStats:
 
 
 def validate_inputs(
-    target: PreTrainedModel, input_ids: torch.LongTensor, generation_config: GenerationConfig, model_kwargs: dict
-) -> None:
-    """Refuse what this engine cannot do exactly, with a one-line error naming the fix."""
-    if input_ids.shape[0] != 1:
-        raise NotImplementedError(
-            f"Batch size {input_ids.shape[0]} with a LongSpec draft is not supported yet; call generate once per "
-            "prompt (batch size 1)."
-        )
+    target: PreTrainedModel, input_ids: torch.LongTensor, generation_config: GenerationConfig, model_kwargs: dict,
+    streamer,
+) -> torch.Tensor | None:
+    """Refuse what this engine cannot do exactly, with a one-line error naming the fix; returns the 2D mask."""
     if input_ids.shape[1] == 0:
         raise ValueError("The prompt is empty; pass at least one token (e.g. the tokenizer's BOS token).")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError("attention_mask must be 2D [batch, length] with a LongSpec draft.")
+        mask = mask.to(device=input_ids.device, dtype=torch.long)
+        if bool((mask.sum(-1) == 0).any()):
+            raise ValueError("A prompt is empty (all padding); pass at least one token per row (e.g. the BOS token).")
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError(
+                "Right padding detected in attention_mask; LongSpec drafts need left padding: set "
+                "tokenizer.padding_side = 'left'."
+            )
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("attention_mask has holes; only left padding (zeros before the prompt) is supported.")
+        if bool(mask.all()):
+            mask = None
+    lengths = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(-1)
     max_positions = getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if max_positions is not None and input_ids.shape[1] > max_positions:
+    if max_positions is not None and int(lengths.max()) > max_positions:
         raise ValueError(
-            f"The prompt has {input_ids.shape[1]} tokens but the target supports at most {max_positions} positions; "
+            f"A prompt has {int(lengths.max())} tokens but the target supports at most {max_positions} positions; "
             "truncate the prompt (e.g. tokenizer(..., truncation=True, max_length=...))."
         )
-    mask = model_kwargs.get("attention_mask")
-    if mask is not None and not bool(mask.all()):
-        raise ValueError(
-            "attention_mask contains padding, which a LongSpec draft does not support yet at batch size 1; "
-            "pass the unpadded prompt."
-        )
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("Streamers support batch size 1 only; generate one prompt at a time to stream.")
     cache = model_kwargs.get("past_key_values")
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(
@@ -92,9 +101,11 @@ def validate_inputs(
             raise NotImplementedError(
                 f"{flag}=True is not supported with a LongSpec draft; generate without it (sequences are returned)."
             )
+    return mask
 
 
 def token_selector(generation_config: GenerationConfig):
+    """Scores `[1, V]` -> token id: argmax for greedy, one draw for sampling (as plain decoding does)."""
     if generation_config.do_sample:
         return lambda scores: int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1))
     return lambda scores: int(scores[0].argmax())
@@ -109,6 +120,24 @@ def emit(tokens: list[int], sequence: torch.LongTensor, stopping_criteria, score
     return sequence, len(tokens), False
 
 
+def pad_sequences(sequences: list[torch.LongTensor], pad_token_id: int) -> torch.LongTensor:
+    """Right-pad finished rows, as plain decoding fills finished rows with the pad token."""
+    length = max(s.shape[1] for s in sequences)
+    out = sequences[0].new_full((len(sequences), length), pad_token_id)
+    for row, seq in enumerate(sequences):
+        out[row, : seq.shape[1]] = seq[0]
+    return out
+
+
+def resolve_pad_token_id(generation_config: GenerationConfig) -> int:
+    for value in (generation_config.pad_token_id, generation_config.eos_token_id):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def speculative_generate(
     target: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -119,8 +148,15 @@ def speculative_generate(
     streamer=None,
     **model_kwargs,
 ):
-    """Run the LongSpec decode loop; arguments as prepared by ``GenerationMixin.generate`` (see ``hook.py``)."""
-    validate_inputs(target, input_ids, generation_config, model_kwargs)
+    """Run the LongSpec decode loop; arguments as prepared by ``GenerationMixin.generate`` (see ``hook.py``).
+
+    Returns the sequences `[B, L]` (left padding kept, finished rows right-padded with the pad token), or with
+    ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` with ``sequences`` and, for one unpadded row,
+    ``past_key_values`` (KV of every token but the last, as after plain decoding; ``None`` for padded batches,
+    whose cache holds placeholder slots).
+    """
+    input_ids = input_ids.to(target.device)
+    mask = validate_inputs(target, input_ids, generation_config, model_kwargs, streamer)
     drafter.bind(target)
     tree_shape = validate_tree_shape(getattr(drafter.generation_config, "tree_shape", None) or [1])
     attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
@@ -128,51 +164,94 @@ def speculative_generate(
     stats = SpeculativeStats()
     drafter.stats = stats
     max_length = generation_config.max_length
+    batch, n = input_ids.shape
 
-    # 1. prefill: the target reads the prompt with its own attention, the draft fills its constant-size cache
+    # 1. prefill: the target reads the prompts with its own attention, the draft fills its constant-size cache
     cache = DynamicCache()  # full layers, so any rejected tree tail can be cropped
-    n = input_ids.shape[1]
-    position_ids = torch.arange(n, device=input_ids.device)[None]
+    if mask is None:
+        position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
+    else:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = target(
-        input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1].float()  # [1, V]
-    state = drafter.start(input_ids, cache)
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1].float()  # [B, V]
+    state = TargetState(
+        cache=cache,
+        valid=None if mask is None else mask.bool(),
+        slot_positions=position_ids,
+        next_positions=position_ids[:, -1] + 1,
+    )
+    draft_state = drafter.start(input_ids, mask, state)
 
-    # 2. the first token comes from the prefill, exactly as in plain decoding; it is the first round's root
-    root = select(logits_processor(input_ids, logits))
-    sequence, _, finished = emit([root], input_ids, stopping_criteria, logits)
-    stats.new_tokens = 1
+    # 2. the first token comes from the prefill, exactly as in plain decoding; it is each row's first root
+    scores = logits_processor(input_ids, logits)
+    sequences = [input_ids[b : b + 1] for b in range(batch)]
+    active: list[int] = []
+    for b in range(batch):
+        sequences[b], _, finished = emit([select(scores[b : b + 1])], sequences[b], stopping_criteria, logits[b:b + 1])
+        if not finished:
+            active.append(b)
+    stats.new_tokens = batch
     if streamer is not None:
-        streamer.put(sequence[:, -1:].cpu())
+        streamer.put(sequences[0][:, -1:].cpu())
+    if len(active) < batch:
+        keep_rows(state, drafter, draft_state, active, list(range(batch)))
 
-    while not finished:
-        prefix_len = cache.get_seq_length()  # committed tokens with target KV; the root sits at this position
-        # 3. draft a tree no deeper than the tokens still allowed
-        depth = min(len(tree_shape), max_length - sequence.shape[1] - 1)
-        tree = drafter.draft(state, sequence[0, -1], prefix_len, cache, tree_shape[: max(depth, 0)])
-        # 4. verify the whole tree in one target forward
-        logits = verify_tree(target, cache, tree, attn_backend)  # [T, V]
-        # 5. accept the deepest path the target agrees with, plus its bonus token
-        path, tokens = accept_path(tree, logits, sequence, logits_processor, select)
-        compact_cache(cache, prefix_len, path)
-        committed = torch.cat([tree.tokens[:1], tree.tokens[path]])[None] if path else tree.tokens[:1][None]
-        drafter.commit(state, committed, prefix_len)
+    while active:
+        roots = torch.tensor([int(sequences[b][0, -1]) for b in active], device=input_ids.device)
+        root_positions = state.next_positions
+        # 3. draft a tree per row, no deeper than the tokens any row may still produce
+        room = max(max_length - sequences[b].shape[1] for b in active) - 1
+        tree = drafter.draft(draft_state, roots, root_positions, state, tree_shape[: max(room, 0)])
+        # 4. verify every row's tree in one target forward
+        logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
+        # 5. each row accepts the deepest path the target agrees with, plus its bonus token
+        children, node_tokens = tree.children(), tree.tokens.tolist()
+        paths, new_tokens = [], []
+        for i, b in enumerate(active):
+            path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b], logits_processor, select)
+            paths.append(path)
+            new_tokens.append(tokens)
+        new_valid = compact(state, paths)
+        committed = tree.tokens.gather(1, torch.tensor([[0] + p + [0] * (new_valid.shape[1] - 1 - len(p))
+                                                        for p in paths], device=tree.tokens.device))
+        drafter.commit(draft_state, committed, new_valid, root_positions)
         # 6. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
-        sequence, appended, finished = emit(tokens, sequence, stopping_criteria, logits[-1:])
-        if streamer is not None:
-            streamer.put(sequence[:, -appended:].cpu())
+        still_active = []
+        for i, b in enumerate(active):
+            sequences[b], appended, finished = emit(new_tokens[i], sequences[b], stopping_criteria, logits[i, -1:])
+            if streamer is not None:
+                streamer.put(sequences[b][:, -appended:].cpu())
+            stats.new_tokens += appended
+            if not finished:
+                still_active.append(b)
         stats.rounds += 1
-        stats.drafted_tokens += len(tree) - 1
-        stats.accepted_tokens += len(path)
-        stats.acceptance_lengths.append(len(path))
-        stats.new_tokens += appended
+        stats.drafted_tokens += (len(tree) - 1) * len(active)
+        stats.accepted_tokens += sum(len(p) for p in paths)
+        stats.acceptance_lengths.extend(len(p) for p in paths)
+        if len(still_active) < len(active):
+            keep_rows(state, drafter, draft_state, still_active, active)
+        active = still_active
 
     if streamer is not None:
         streamer.end()
-    # Leave the cache as plain decoding does: KV for every token but the last.
-    overshoot = cache.get_seq_length() - (sequence.shape[1] - 1)
-    if overshoot > 0:
-        cache.crop(-overshoot)
-    if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=sequence, past_key_values=cache)
-    return sequence
+    output = pad_sequences(sequences, resolve_pad_token_id(generation_config))
+    if not generation_config.return_dict_in_generate:
+        return output
+    past = None
+    if batch == 1 and state.valid is None:
+        # Leave the cache as plain decoding does: KV for every token but the last.
+        overshoot = cache.get_seq_length() - (output.shape[1] - 1)
+        if overshoot > 0:
+            cache.crop(-overshoot)
+        past = cache
+    return GenerateDecoderOnlyOutput(sequences=output, past_key_values=past)
+
+
+def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int]) -> None:
+    """Drop finished rows from the target and draft state, so they cost no more compute."""
+    rows = torch.tensor([current.index(b) for b in keep], device=state.next_positions.device, dtype=torch.long)
+    if rows.numel():
+        state.select_rows(rows)
+        drafter.select_rows(draft_state, rows)

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 
-from .cache import SinkWindowCache
+from .cache import SinkWindowCache, sink_window_slots
 from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
 from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree
@@ -196,12 +196,19 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._require_bound().rotary_emb(x, position_ids)
 
-    def self_attention_kv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """KV of the self-attention for embeddings `hidden [B, q, hidden]`: `([B, Hkv, q, D], [B, Hkv, q, D])`."""
+    def self_attention_kv(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor):
+        """Self-attention KV of tokens `[B, q]` at `position_ids [B, q]`: `([B, Hkv, q, D], [B, Hkv, q, D])`.
+
+        They depend only on (token, position) — the layer's input is the embedding — which is what lets the draft
+        skip the evicted middle of a prompt and recompute committed tokens exactly.
+        """
+        hidden = self._require_bound().embed_tokens(input_ids)
+        cos, sin = self._rope(hidden, position_ids)
         x = self.input_layernorm(hidden)
         k = apply_rope(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
         v = self.self_attn.split(x, self.self_attn.v_proj)
         return k, v
+
 
     def forward(
         self,
@@ -255,52 +262,52 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Drafter protocol (used by the decode loop)
 
-    def start(self, input_ids: torch.LongTensor, target_cache: Cache) -> DraftState:
-        """Fill a fresh sink+window cache with the prompt `input_ids [1, n]`, computing only the KV it keeps."""
-        bound = self._require_bound()
+    def start(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, target_state) -> DraftState:
+        """Fill a fresh sink+window cache with the prompts, computing only the KV it keeps (constant cost)."""
         n = input_ids.shape[1]
         sink, window = self.config.sink_size, self.config.window_size
-        if n <= sink + window:
-            keep = torch.arange(n, device=input_ids.device)
-        else:
-            keep = torch.cat(
-                [torch.arange(sink, device=input_ids.device), torch.arange(n - window, n, device=input_ids.device)]
-            )
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.bool())  # [B, n]
+        src, kept = sink_window_slots(valid, sink, window)  # [B, C]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, src)
         cache = SinkWindowCache(sink_size=sink, window_size=window, num_layers=1)
-        hidden = bound.embed_tokens(input_ids[:, keep])
-        cos, sin = self._rope(hidden, keep[None])
-        k, v = self.self_attention_kv(hidden, cos, sin)
-        cache.update(k, v, 0)
+        k, v = self.self_attention_kv(input_ids.gather(1, src), positions)
+        cache.commit(k, v, None if bool(kept.all()) else kept)
         cache.layers[0].cumulative_length = n  # the evicted middle still counts towards absolute positions
         return DraftState(cache=cache)
 
-    def draft(self, state: DraftState, root_token: torch.Tensor, root_position: int, target_cache: Cache,
+    def draft(self, state: DraftState, root_tokens: torch.Tensor, root_positions: torch.Tensor, target_state,
               tree_shape: tuple[int, ...]) -> DraftTree:
         cache: SinkWindowCache = state.cache
-        target_key, target_value = target_last_layer_kv(target_cache)
+        target_key, target_value = target_last_layer_kv(target_state.cache)
+        cross_bias = target_state.key_bias(target_key.dtype)  # [B, 1, 1, L] or None
+        committed_valid = cache.layers[0].valid  # [B, C] or None
         committed = cache.get_stored_length()
         cache.begin_speculation()
 
         def step(tokens: torch.Tensor, positions: torch.Tensor, tree_bias: torch.Tensor) -> torch.Tensor:
-            m = tokens.shape[0]
-            # Committed cache entries are visible to every node; tree entries follow the tree mask.
-            bias = torch.cat([tree_bias.new_zeros(m, committed), tree_bias], dim=-1)[None, None]
-            logits = self(tokens[None], positions[None], target_key, target_value, cache, bias)
-            return logits[0]
+            # Committed entries are visible to every node (placeholders excepted); tree entries follow the tree.
+            prefix = tree_bias.new_zeros(tokens.shape[0], tokens.shape[1], committed)
+            if committed_valid is not None:
+                prefix.masked_fill_(~committed_valid[:, None], torch.finfo(prefix.dtype).min)
+            bias = torch.cat([prefix, tree_bias], dim=-1)[:, None]  # [B, 1, m, C + n]
+            return self(tokens, positions, target_key, target_value, cache, bias, cross_bias)
 
-        return build_beam_tree(step, root_token, root_position, tree_shape)
+        return build_beam_tree(step, root_tokens, root_positions, tree_shape)
 
-    def commit(self, state: DraftState, tokens: torch.LongTensor, start_position: int) -> None:
-        """Replace the speculative entries by the KV of the accepted `tokens [1, a]` (root first).
+    def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor,
+               start_positions: torch.Tensor) -> None:
+        """Replace the speculative entries by the KV of the committed `tokens [B, a]` (root first).
 
         Recomputing is exact (the KV depend only on token and position) and also covers accepted leaves, which
         never went through a draft forward.
         """
-        state.cache.end_speculation(None)
-        hidden = self._require_bound().embed_tokens(tokens)
-        positions = torch.arange(start_position, start_position + tokens.shape[1], device=tokens.device)[None]
-        cos, sin = self._rope(hidden, positions)
-        state.cache.update(*self.self_attention_kv(hidden, cos, sin), 0)
+        positions = start_positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None]
+        k, v = self.self_attention_kv(tokens, positions)
+        state.cache.commit(k, v, None if bool(valid.all()) else valid)
+
+    def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:
+        state.cache.batch_select_indices(rows)
 
 
 def check_supported_target(target: PreTrainedModel) -> None:

@@ -2,7 +2,8 @@
 
 A tree is stored flat, in creation order (level by level), so every node comes after its parent. Node 0 is the
 *root*: the last committed token, whose target KV is not in the cache yet. A node at depth ``d`` sits at position
-``root_position + d`` and may attend to the committed prefix, its ancestors and itself.
+``root_position + d`` and may attend to the committed prefix, its ancestors and itself. In a batch every row has its
+own tree with the same level sizes, so depths are shared and parents differ.
 
 Beam tree (``tree_shape = [k_1, ..., k_L]``): level 1 holds the draft's top-``k_1`` tokens after the root; level
 ``d > 1`` holds the global top-``k_d`` over (node of level ``d-1``) x (vocabulary) by cumulative draft
@@ -21,28 +22,34 @@ DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
 
 @dataclass
 class DraftTree:
-    """A flat token tree.
+    """A batch of flat token trees with identical level sizes.
 
     Attributes:
-        tokens: `[T]` token ids, node 0 is the root.
-        parents: `T` parent indices (host list; the root's parent is -1).
-        depths: `[T]` depth of each node (root = 0).
-        ancestors: `[T, T]` bool, `ancestors[i, j]` is True when node j is node i or one of its ancestors.
+        tokens: `[B, T]` token ids, node 0 is the root.
+        parents: `[B, T]` parent index of each node (the root's is -1).
+        depths: `[T]` depth of each node (root = 0), the same in every row.
+        ancestors: `[B, T, T]` bool, `ancestors[b, i, j]`: node j is node i or one of its ancestors.
+        logprobs: `[B, T]` draft log-probability of each node given its parent (0 for the root).
     """
 
     tokens: torch.Tensor
-    parents: list[int]
+    parents: torch.Tensor
     depths: torch.Tensor
     ancestors: torch.Tensor
+    logprobs: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.parents)
+        return self.tokens.shape[1]
 
-    def children(self) -> list[list[int]]:
-        kids: list[list[int]] = [[] for _ in self.parents]
-        for node, parent in enumerate(self.parents):
-            if parent >= 0:
-                kids[parent].append(node)
+    def children(self) -> list[list[list[int]]]:
+        """Per row, per node: the indices of its children (host lists, built once per round)."""
+        kids: list[list[list[int]]] = []
+        for row in self.parents.tolist():
+            row_kids: list[list[int]] = [[] for _ in row]
+            for node, parent in enumerate(row):
+                if parent >= 0:
+                    row_kids[parent].append(node)
+            kids.append(row_kids)
         return kids
 
 
@@ -56,79 +63,81 @@ def validate_tree_shape(tree_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def tree_attention_bias(ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask `[T, T]`: 0 where a node may attend (ancestors and itself), the dtype's minimum elsewhere."""
+    """Additive mask (same shape as `ancestors`): 0 where a node may attend, the dtype's minimum elsewhere."""
     bias = torch.zeros(ancestors.shape, dtype=dtype, device=ancestors.device)
     return bias.masked_fill_(~ancestors, torch.finfo(dtype).min)
 
 
 def top_children(
     logprobs: torch.Tensor, scores: torch.Tensor, width: int, per_parent: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pick the next level of the beam tree.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick the next level of the beam tree in every row.
 
     Args:
-        logprobs: `[m, V]` draft log-probabilities at the `m` nodes of the current level.
-        scores: `[m]` cumulative log-probabilities of those nodes.
-        width: number of children to keep in total.
+        logprobs: `[B, m, V]` draft log-probabilities at the `m` nodes of the current level.
+        scores: `[B, m]` cumulative log-probabilities of those nodes.
+        width: number of children to keep per row.
         per_parent: first level (one parent): plain top-k of that parent.
 
     Returns:
-        `(parent_local [k], tokens [k], scores [k])`, `parent_local` indexing the current level.
+        `(parent_local [B, k], tokens [B, k], scores [B, k], logprobs [B, k])`; `parent_local` indexes the level.
     """
     vocab = logprobs.shape[-1]
     if per_parent:
-        top = logprobs[0].topk(min(width, vocab))
-        parent_local = torch.zeros_like(top.indices)
-        return parent_local, top.indices, scores[0] + top.values
-    cumulative = (scores[:, None] + logprobs).flatten()  # [m * V]
-    top = cumulative.topk(min(width, cumulative.numel()))
-    return top.indices // vocab, top.indices % vocab, top.values
+        top = logprobs[:, 0].topk(min(width, vocab), dim=-1)
+        return torch.zeros_like(top.indices), top.indices, scores[:, :1] + top.values, top.values
+    cumulative = (scores[..., None] + logprobs).flatten(1)  # [B, m * V]
+    top = cumulative.topk(min(width, cumulative.shape[1]), dim=-1)
+    parent_local, tokens = top.indices // vocab, top.indices % vocab
+    return parent_local, tokens, top.values, logprobs.flatten(1).gather(1, top.indices)
 
 
 DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def build_beam_tree(
-    step: DraftStep, root_token: torch.Tensor, root_position: int, tree_shape: Sequence[int]
+    step: DraftStep, root_tokens: torch.Tensor, root_positions: torch.Tensor, tree_shape: Sequence[int]
 ) -> DraftTree:
-    """Grow a beam tree with one draft forward per level.
+    """Grow a beam tree per row with one draft forward per level.
 
     Args:
-        step: `step(tokens [m], positions [m], tree_bias [m, n]) -> logits [m, V]` runs the draft on the `m` newest
-            nodes; `tree_bias` is the additive mask of those nodes over all `n` tree nodes so far (themselves
-            included), which the draft appends to whatever committed cache it attends to.
-        root_token: `[]` the root's token id.
-        root_position: absolute position of the root.
+        step: `step(tokens [B, m], positions [B, m], tree_bias [B, m, n]) -> logits [B, m, V]` runs the draft on the
+            `m` newest nodes; `tree_bias` is the additive mask of those nodes over all `n` tree nodes so far
+            (themselves included), which the draft appends to whatever committed cache it attends to.
+        root_tokens: `[B]` the roots' token ids.
+        root_positions: `[B]` absolute positions of the roots.
         tree_shape: widths of levels 1..L.
     """
-    device = root_token.device
+    device = root_tokens.device
+    batch = root_tokens.shape[0]
+    rows = torch.arange(batch, device=device)[:, None]
     max_nodes = 1 + sum(tree_shape)
-    ancestors = torch.zeros(max_nodes, max_nodes, dtype=torch.bool, device=device)
-    ancestors[0, 0] = True
-    tokens = [root_token.view(1)]
-    depth_list = [torch.zeros(1, dtype=torch.long, device=device)]
-    parents = [-1]
-    scores = torch.zeros(1, device=device)
+    ancestors = torch.zeros(batch, max_nodes, max_nodes, dtype=torch.bool, device=device)
+    ancestors[:, 0, 0] = True
+    tokens, parents = [root_tokens[:, None]], [torch.full((batch, 1), -1, device=device)]
+    logprob_list = [torch.zeros(batch, 1, device=device)]
+    depths = [torch.zeros(1, dtype=torch.long, device=device)]
+    scores = torch.zeros(batch, 1, device=device)
     level_start, n = 0, 1
     for depth, width in enumerate(tree_shape):
-        level_tokens = tokens[-1]
-        positions = torch.full_like(level_tokens, root_position + depth)
-        bias = tree_attention_bias(ancestors[level_start:n, :n], torch.float32)
-        logits = step(level_tokens, positions, bias)  # [m, V]
+        positions = (root_positions + depth)[:, None].expand_as(tokens[-1])
+        bias = tree_attention_bias(ancestors[:, level_start:n, :n], torch.float32)
+        logits = step(tokens[-1], positions, bias)  # [B, m, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        parent_local, child_tokens, scores = top_children(logprobs, scores, width, per_parent=depth == 0)
-        k = child_tokens.numel()
-        parent_global = parent_local + level_start
-        new = torch.arange(n, n + k, device=device)
-        ancestors[new] = ancestors[parent_global]
-        ancestors[new, new] = True
-        parents.extend((parent_global).tolist())
+        parent_local, child_tokens, scores, child_logprobs = top_children(logprobs, scores, width, depth == 0)
+        k = child_tokens.shape[1]
+        parent_global = parent_local + level_start  # [B, k]
+        ancestors[:, n : n + k] = ancestors[rows, parent_global]
+        ancestors[:, torch.arange(n, n + k), torch.arange(n, n + k)] = True
         tokens.append(child_tokens)
-        depth_list.append(torch.full((k,), depth + 1, dtype=torch.long, device=device))
+        parents.append(parent_global)
+        logprob_list.append(child_logprobs)
+        depths.append(torch.full((k,), depth + 1, dtype=torch.long, device=device))
         level_start, n = n, n + k
     return DraftTree(
-        tokens=torch.cat(tokens),
-        parents=parents,
-        depths=torch.cat(depth_list),
-        ancestors=ancestors[:n, :n],
+        tokens=torch.cat(tokens, dim=1),
+        parents=torch.cat(parents, dim=1),
+        depths=torch.cat(depths),
+        ancestors=ancestors[:, :n, :n],
+        logprobs=torch.cat(logprob_list, dim=1),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -47,86 +48,140 @@ def layer_attention_types(config) -> tuple[set[str], int | None]:
     return types, window
 
 
-def verification_mask(
-    tree: DraftTree, prefix_len: int, dtype: torch.dtype, window: int | None
-) -> torch.Tensor:
-    """Additive mask `[1, 1, T, P + T]`: the committed prefix (within `window`, if any) plus ancestors and self."""
-    tree_bias = tree_attention_bias(tree.ancestors, dtype)  # [T, T]
-    prefix = tree_bias.new_zeros(len(tree), prefix_len)  # [T, P]
-    if window is not None and prefix_len + int(tree.depths.max()) >= window:
-        query_pos = prefix_len + tree.depths  # [T]
-        key_pos = torch.arange(prefix_len, device=tree_bias.device)  # [P]
-        # Same rule as transformers' sliding layers: key j is visible to query i when j > i - window.
-        outside = key_pos[None, :] <= (query_pos[:, None] - window)
-        prefix.masked_fill_(outside, torch.finfo(dtype).min)
-    return torch.cat([prefix, tree_bias], dim=-1)[None, None]
+@dataclass
+class TargetState:
+    """The target's committed state for a batch of rows.
 
+    Rows advance by different numbers of tokens per round, so the cache keeps a common slot count and marks the
+    slots of rows that committed fewer tokens (and left padding) as not `valid`; positions are tracked per row.
 
-def verify_tree(
-    target: PreTrainedModel, cache: Cache, tree: DraftTree, attn_backend: str = "auto"
-) -> torch.Tensor:
-    """One target forward over the whole tree; returns fp32 logits `[T, V]` (row i predicts node i's child).
-
-    The tree's KV is appended to `cache`; :func:`compact_cache` keeps the accepted path afterwards.
+    Attributes:
+        cache: the target's `DynamicCache` (full layers), `S` slots per row.
+        valid: `[B, S]` bool, or `None` when every slot of every row holds a real token.
+        slot_positions: `[B, S]` position of the token in each slot (meaningless where not valid).
+        next_positions: `[B]` position of each row's root (its newest committed token, not yet in the cache).
     """
-    prefix_len = cache.get_seq_length()
+
+    cache: Cache
+    valid: torch.Tensor | None
+    slot_positions: torch.Tensor
+    next_positions: torch.Tensor
+
+    def key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive `[B, 1, 1, S]` mask hiding invalid slots, or `None` when there are none."""
+        if self.valid is None:
+            return None
+        bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+        return bias.masked_fill_(~self.valid, torch.finfo(dtype).min)[:, None, None]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.valid = None if self.valid is None else self.valid[rows]
+        self.slot_positions = self.slot_positions[rows]
+        self.next_positions = self.next_positions[rows]
+
+
+def verification_mask(
+    state: TargetState, tree: DraftTree, dtype: torch.dtype, window: int | None
+) -> torch.Tensor:
+    """Additive mask `[B, 1, T, S + T]`: valid committed slots (within `window`, if any) plus ancestors and self."""
+    batch, size = tree.tokens.shape
+    slots = state.slot_positions.shape[1]
+    prefix = torch.zeros(batch, size, slots, dtype=dtype, device=tree.tokens.device)  # [B, T, S]
+    hidden = None if state.valid is None else ~state.valid[:, None, :]
+    if window is not None and slots and int(state.next_positions.max()) + len(tree) >= window:
+        query_pos = state.next_positions[:, None] + tree.depths[None]  # [B, T]
+        # Same rule as transformers' sliding layers: key j is visible to query i when pos_j > pos_i - window.
+        outside = state.slot_positions[:, None, :] <= (query_pos[:, :, None] - window)
+        hidden = outside if hidden is None else hidden | outside
+    if hidden is not None:
+        prefix.masked_fill_(hidden, torch.finfo(dtype).min)
+    return torch.cat([prefix, tree_attention_bias(tree.ancestors, dtype)], dim=-1)[:, None]
+
+
+def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, attn_backend: str = "auto"):
+    """One target forward over every row's tree; returns fp32 logits `[B, T, V]` (row i predicts node i's child).
+
+    The trees' KV are appended to the cache; :func:`compact` keeps the accepted paths afterwards.
+    """
     types, window = layer_attention_types(target.config)
     dtype = target.dtype
-    masks = {t: verification_mask(tree, prefix_len, dtype, window if t == SLIDING else None) for t in types}
+    masks = {t: verification_mask(state, tree, dtype, window if t == SLIDING else None) for t in types}
     # Models with one layer type take a tensor; hybrid ones (e.g. Qwen2 with sliding layers) take a dict by type.
     attention_mask = masks.popitem()[1] if len(masks) == 1 else masks
-    position_ids = (prefix_len + tree.depths)[None]  # [1, T]
+    position_ids = state.next_positions[:, None] + tree.depths[None]  # [B, T]
     with attention_implementation(target, HYBRID_ATTENTION_NAME):
         out = target(
-            input_ids=tree.tokens[None],
+            input_ids=tree.tokens,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=0,
-            tree_prefix_len=prefix_len,
+            tree_prefix_len=state.cache.get_seq_length(),
+            tree_prefix_masked=state.valid is not None,
             tree_attn_backend=attn_backend,
         )
-    return out.logits[0].float()
+    return out.logits.float()
 
 
-def compact_cache(cache: Cache, prefix_len: int, path: list[int]) -> None:
-    """Keep the committed prefix, the root and the accepted `path` (tree indices) in every layer of `cache`.
+def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
+    """Keep, in every row, the root and its accepted `path` (tree indices) after the committed slots.
 
-    Accepted nodes are moved down in place to follow the root, then the tail is cropped; no Cache API does this.
+    Every row keeps `1 + max(len(path))` new slots; the unused ones of shorter rows become invalid. Accepted
+    nodes are moved down in place and the tail is cropped — no Cache API does this.
+
+    Returns:
+        `[B, 1 + max_k]` bool, which of the new slots are valid.
     """
+    cache = state.cache
+    prefix_len = state.slot_positions.shape[1]
     total = cache.get_seq_length()
-    kept = 1 + len(path)
-    if path and path != list(range(1, kept)):
-        src = torch.tensor(path, device=cache.layers[0].keys.device) + prefix_len
-        dst = slice(prefix_len + 1, prefix_len + kept)
+    device = state.next_positions.device
+    longest = max(len(p) for p in paths)
+    lengths = torch.tensor([len(p) for p in paths], device=device)
+    new_valid = torch.arange(1 + longest, device=device)[None] <= lengths[:, None]  # [B, 1 + max_k]
+    if longest:
+        src = torch.tensor([p + [0] * (longest - len(p)) for p in paths], device=device) + prefix_len  # [B, max_k]
+        dst = slice(prefix_len + 1, prefix_len + 1 + longest)
         for layer in cache.layers:
-            layer.keys[..., dst, :] = layer.keys.index_select(-2, src)
-            layer.values[..., dst, :] = layer.values.index_select(-2, src)
-    if total > prefix_len + kept:
-        cache.crop(-(total - prefix_len - kept))
+            b, h, _, d = layer.keys.shape
+            index = src[:, None, :, None].expand(b, h, longest, d)
+            layer.keys[:, :, dst] = layer.keys.gather(2, index)
+            layer.values[:, :, dst] = layer.values.gather(2, index)
+    if total > prefix_len + 1 + longest:
+        cache.crop(-(total - prefix_len - 1 - longest))
+    if state.valid is not None or not bool(new_valid.all()):
+        old = state.valid if state.valid is not None else new_valid.new_ones(len(paths), prefix_len)
+        state.valid = torch.cat([old, new_valid], dim=-1)
+    new_positions = state.next_positions[:, None] + torch.arange(1 + longest, device=device)[None]
+    state.slot_positions = torch.cat([state.slot_positions, new_positions], dim=-1)
+    state.next_positions = state.next_positions + 1 + lengths
+    return new_valid
 
 
 TokenSelector = Callable[[torch.Tensor], int]
 
 
 def accept_path(
-    tree: DraftTree,
+    children: list[list[int]],
+    node_tokens: list[int],
     logits: torch.Tensor,
     sequence: torch.LongTensor,
     logits_processor: Callable[[torch.LongTensor, torch.Tensor], torch.Tensor],
     select: TokenSelector,
 ) -> tuple[list[int], list[int]]:
-    """Walk the tree the way the target itself would decode.
+    """Walk one row's tree the way the target itself would decode.
 
-    At the current node the target's (processed) scores give the next token ``x`` — argmax for greedy, a sample for
-    sampling. If a child carries ``x`` the walk descends into it, otherwise ``x`` is the bonus token and the round
-    ends. Every emitted token is therefore exactly what plain decoding would have produced from the same prefix
-    (greedy) or is distributed exactly like it (sampling): the draft only decides how many of them one target
-    forward yields.
+    At the current node the target's (processed) scores give the next token ``x`` — argmax for greedy, one draw
+    for sampling. If a child carries ``x`` the walk descends into it, otherwise ``x`` is the bonus token and the
+    round ends. Every emitted token is therefore exactly what plain decoding would produce from the same prefix
+    (greedy), or is drawn from exactly the same distribution (sampling): children are deterministic proposals,
+    never accepted by a ratio test, so the draft only decides how many tokens one target forward yields.
 
     Args:
-        tree: the verified tree.
+        children: per node, its children's indices.
+        node_tokens: token of each node.
         logits: `[T, V]` target logits at each node.
         sequence: `[1, n]` committed tokens, the root included (what logits processors see).
         logits_processor: transformers' processors, applied exactly as in plain decoding.
@@ -135,8 +190,6 @@ def accept_path(
     Returns:
         `(path, tokens)`: accepted tree indices (root excluded) and the new tokens (accepted tokens + bonus).
     """
-    children = tree.children()
-    node_tokens = tree.tokens.tolist()
     path: list[int] = []
     tokens: list[int] = []
     node = 0
