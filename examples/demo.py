@@ -50,9 +50,11 @@ def long_document(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def timed_generate(target, input_ids, **kwargs):
+def timed_generate(target, input_ids, temperature=None, **kwargs):
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    torch.manual_seed(0)  # seeded sampling with a draft reproduces plain seeded sampling token for token
     start = time.perf_counter()
-    out = target.generate(input_ids, do_sample=False, **kwargs)
+    out = target.generate(input_ids, **sampling, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=2000, help="length of the document in the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-shape", default="1,1,1", help="draft tree widths per level; 1,1,1 is a chain of 3")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sample at this temperature instead of greedy decoding (both runs use the same seed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -86,14 +90,16 @@ def main() -> None:
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     if not isinstance(input_ids, torch.Tensor):
         input_ids = input_ids["input_ids"]
-    print(f"prompt: {input_ids.shape[1]} tokens; generating {args.max_new_tokens} new tokens greedily")
+    mode = "greedily" if args.temperature is None else f"by sampling at temperature {args.temperature}"
+    print(f"prompt: {input_ids.shape[1]} tokens; generating {args.max_new_tokens} new tokens {mode}")
 
     # Warm-up: the first forward pays one-off costs (allocator, thread pool) that would distort the comparison.
     timed_generate(target, input_ids[:, :64], max_new_tokens=4)
     timed_generate(target, input_ids[:, :64], max_new_tokens=4, assistant_model=draft)
 
-    plain, plain_s = timed_generate(target, input_ids, max_new_tokens=args.max_new_tokens)
-    spec, spec_s = timed_generate(target, input_ids, max_new_tokens=args.max_new_tokens, assistant_model=draft)
+    plain, plain_s = timed_generate(target, input_ids, args.temperature, max_new_tokens=args.max_new_tokens)
+    spec, spec_s = timed_generate(target, input_ids, args.temperature, max_new_tokens=args.max_new_tokens,
+                                  assistant_model=draft)
 
     print("\n--- generated text ---")
     print(tokenizer.decode(spec[0, input_ids.shape[1]:], skip_special_tokens=True))
