@@ -142,6 +142,22 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         draft.bind(target)
         return draft
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> LongSpecDraftModel:
+        """As `PreTrainedModel.from_pretrained`, plus the draft's tree settings (`generation_config.json`)."""
+        draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        try:
+            draft.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        except OSError:
+            pass  # no generation_config.json: keep the default tree
+        return draft
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained` (weights only, safetensors), plus the tree settings."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.generation_config.save_pretrained(save_directory)
+
     @property
     def target(self) -> PreTrainedModel | None:
         return None if self._bound is None else self._bound.model

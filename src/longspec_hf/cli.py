@@ -1,0 +1,79 @@
+"""`longspec` command line: `longspec train ...`, `longspec eval ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field (`seq_len` -> `--seq-len`), typed from the annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        required = f.default is MISSING and f.default_factory is MISSING
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", help=f"(default: {f.default})")
+            continue
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+        if typing.get_origin(base) is list:
+            item = typing.get_args(base)[0]
+            parser.add_argument(flag, nargs="+", type=item, required=required and f.name != "data")
+        else:
+            default = None if required else (f.default if f.default is not MISSING else None)
+            parser.add_argument(flag, type=base, default=default, required=False, help=f"(default: {default})")
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from .training import TrainConfig, run_recipe, train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "func") and v is not None}
+    stages = None
+    if args.recipe:
+        recipe = json.loads(open(args.recipe).read())
+        values = {**recipe.get("base", {}), **values}
+        stages = recipe.get("stages")
+    for name in ("target", "output_dir"):
+        if name not in values:
+            sys.exit(f"longspec train: --{name.replace('_', '-')} is required")
+    if "data" not in values and not stages:
+        sys.exit("longspec train: --data is required")
+    if stages:
+        values.setdefault("data", stages[0].get("data", []))
+        run_recipe(TrainConfig.from_dict(values), stages)
+    else:
+        train(TrainConfig.from_dict(values))
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_cli
+
+    evaluate_cli(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .training import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="longspec", description="LongSpec drafts for transformers models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train a draft for a causal LM (runs under accelerate launch)")
+    add_dataclass_arguments(train_parser, TrainConfig)
+    train_parser.add_argument("--recipe", help="JSON file: {'base': {...options}, 'stages': [{...}, ...]}")
+    train_parser.set_defaults(func=train_command)
+    eval_parser = commands.add_parser("eval", help="measure tau of a draft on held-out text at several contexts")
+    from .evaluation import add_eval_arguments
+
+    add_eval_arguments(eval_parser)
+    eval_parser.set_defaults(func=eval_command)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

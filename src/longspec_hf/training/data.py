@@ -1,0 +1,104 @@
+"""Training text: local files, `datasets` ids, or the offline Python corpora; tokenized and packed.
+
+Sources (one string each):
+
+* a local file or folder: ``.txt``/``.md``/``.rst``/``.py`` files are one document each; ``.jsonl``/``.json`` rows
+  give their text column (read with `datasets`);
+* ``python-stdlib:train`` / ``python-stdlib:heldout`` — the CPython standard library sources of this interpreter;
+  ``python-docs:train`` / ``python-docs:heldout`` — Python's own documentation (``pydoc_data.topics``). Both split
+  deterministically by a hash of the file or topic name (10% held out), so evaluation never sees training text;
+* anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+OFFLINE_CORPORA = ("python-stdlib", "python-docs")
+
+
+def is_held_out(name: str, fraction: float = 0.1) -> bool:
+    digest = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
+    return digest % 1000 < fraction * 1000
+
+
+def offline_corpus(name: str, split: str) -> list[str]:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"Split of {name} must be 'train' or 'heldout', got {split!r}.")
+    want_held_out = split == "heldout"
+    if name == "python-docs":
+        from pydoc_data.topics import topics
+
+        return [topics[k] for k in sorted(topics) if is_held_out(k) == want_held_out]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    return [p.read_text(errors="ignore") for p in files if is_held_out(str(p.relative_to(root))) == want_held_out]
+
+
+def local_texts(path: Path, text_column: str) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    texts: list[str] = []
+    for file in files:
+        if file.suffix in TEXT_SUFFIXES:
+            texts.append(file.read_text(errors="ignore"))
+        elif file.suffix in JSON_SUFFIXES:
+            texts.extend(dataset_column(load_json(file), text_column, str(file)))
+    return texts
+
+
+def load_json(file: Path):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(file), split="train")
+
+
+def dataset_column(dataset, text_column: str, name: str) -> list[str]:
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"{name} has no {text_column!r} column (columns: {', '.join(dataset.column_names)}); pass the right "
+            "one with --text-column."
+        )
+    return [t for t in dataset[text_column] if t]
+
+
+def hub_texts(source: str, text_column: str) -> list[str]:
+    from datasets import load_dataset
+
+    name, _, split = source.partition("@")
+    dataset_id, _, config = name.partition(":")
+    dataset = load_dataset(dataset_id, config or None, split=split or "train")
+    return dataset_column(dataset, text_column, source)
+
+
+def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
+    """Documents from every source, in order."""
+    texts: list[str] = []
+    for source in sources:
+        corpus, _, split = source.partition(":")
+        if corpus in OFFLINE_CORPORA:
+            texts.extend(offline_corpus(corpus, split or "train"))
+        elif Path(source).exists():
+            texts.extend(local_texts(Path(source), text_column))
+        else:
+            texts.extend(hub_texts(source, text_column))
+    if not texts:
+        raise ValueError(f"No text found in {sources}; check the paths, the split or --text-column.")
+    return texts
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.LongTensor:
+    """Tokenize, join documents with the EOS token and cut into `[N, seq_len]` training sequences."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False).input_ids + separator)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"The data has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}.")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)

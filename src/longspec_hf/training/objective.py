@@ -1,0 +1,81 @@
+"""The training objective of a LongSpec draft: one teacher-forced draft pass over a sequence, conditioned on the
+frozen target's last-layer KV at a random lag, scored against the data (cross-entropy) or the target (distillation).
+
+Lag: at inference the root (position ``p``) sees target KV of positions ``< p`` and a tree node at depth ``d`` sees
+the same prefix, i.e. a lag of ``d + 1``. Training draws a lag ``l`` in ``[lag_min, lag_max]`` per step: the draft at
+sequence index ``i`` (predicting token ``i + 1``) cross-attends to target KV of indices ``<= i - l``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from ..drafting import target_last_layer_kv
+
+
+def neg_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def self_attention_allowed(length: int, sink: int, window: int, device=None) -> torch.Tensor:
+    """`[L, L]` bool: query i sees key j when j <= i and j is a sink or within the last `window` tokens."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return (j <= i) & ((j < sink) | (i - j < window))
+
+
+def cross_attention_allowed(length: int, lag: int, device=None) -> torch.Tensor:
+    """`[L, L]` bool: query i sees target KV j when j <= i - lag. Rows with nothing visible see key 0 (their loss is
+    dropped), which keeps the softmax finite."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    allowed = j <= i - lag
+    allowed[:lag, 0] = True
+    return allowed
+
+
+@torch.no_grad()
+def target_pass(target: PreTrainedModel, input_ids: torch.LongTensor, position_ids: torch.LongTensor, want_logits: bool):
+    """Frozen target forward: last-layer KV `[B, Hkv, L, D]` and, for distillation, logits `[B, L, V]`."""
+    cache = DynamicCache()
+    out = target(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                 logits_to_keep=0 if want_logits else 1)
+    key, value = target_last_layer_kv(cache)
+    return key, value, (out.logits if want_logits else None)
+
+
+def draft_loss(
+    draft,
+    target: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    position_ids: torch.LongTensor,
+    lag: int,
+    loss_type: str = "ce",
+) -> torch.Tensor:
+    """Mean next-token loss of the draft over positions `lag .. L-2` of `input_ids [B, L]`.
+
+    `loss_type`: "ce" (data labels through the frozen head) or "distill" (KL divergence from the target's own
+    next-token distribution at the same position to the draft's).
+    """
+    batch, length = input_ids.shape
+    if length < lag + 2:
+        raise ValueError(f"Training sequences need at least lag + 2 = {lag + 2} tokens, got {length}; use longer "
+                         "sequences (--seq-len) or a smaller --lag-max.")
+    key, value, target_logits = target_pass(target, input_ids, position_ids, loss_type == "distill")
+    dtype = key.dtype
+    sink, window = draft.config.sink_size, draft.config.window_size
+    self_mask = neg_mask(self_attention_allowed(length, sink, window, input_ids.device), dtype)[None, None]
+    cross_mask = neg_mask(cross_attention_allowed(length, lag, input_ids.device), dtype)[None, None]
+    logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask)  # [B, L, V]
+    scored = slice(lag, length - 1)
+    draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)
+    if loss_type == "ce":
+        labels = input_ids[:, lag + 1 :]
+        return F.nll_loss(draft_logprobs.flatten(0, 1), labels.flatten())
+    if loss_type == "distill":
+        target_logprobs = F.log_softmax(target_logits[:, scored].float(), dim=-1)
+        return F.kl_div(draft_logprobs.flatten(0, 1), target_logprobs.flatten(0, 1), log_target=True,
+                        reduction="batchmean")
+    raise ValueError(f"Unknown loss {loss_type!r}; use 'ce' or 'distill'.")

@@ -1,0 +1,217 @@
+"""Train a LongSpec draft for any causal LM: the target is frozen, only the draft layer learns.
+
+Runs unchanged on one CPU, one GPU, or under ``accelerate launch`` on several GPUs / nodes (DDP; FSDP and DeepSpeed
+through accelerate's own configs). Every step is a pure function of ``(seed, step)``: the data order, the lag and
+the anchor-offset positions are drawn from generators seeded by the step, so a run resumed from a checkpoint
+(draft weights, optimizer, scheduler, RNG — safetensors and JSON) continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling import LongSpecDraftModel
+from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from .data import load_texts, pack
+from .objective import draft_loss
+from .positions import anchor_offset_positions
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `longspec train` maps its flags one to one onto these fields."""
+
+    target: str
+    data: list[str]
+    output_dir: str
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    text_column: str = "text"
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "ce"
+    lag_min: int = 1
+    lag_max: int = 4
+    sink_size: int = 4
+    window_size: int = 512
+    max_anchor: int = 4
+    long_threshold: int = 1200
+    dtype: str = "fp32"
+    seed: int = 0
+    save_every: int = 0
+    overwrite: bool = False
+    resume: bool = False
+    init_draft: str | None = None
+    tree_shape: list[int] = field(default_factory=lambda: [4, 16, 16, 16, 16])
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown training options {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+def load_target(config: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    try:
+        target = AutoModelForCausalLM.from_pretrained(config.target, dtype=torch.float32, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ValueError(f"{config.target} has no causal LM head (AutoModelForCausalLM cannot load it); "
+                             "train drafts for causal LMs only.") from err
+        raise
+    if target.get_output_embeddings() is None:
+        raise ValueError(f"{config.target} has no LM head; train drafts for causal LMs only.")
+    target.requires_grad_(False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.target, **kwargs)
+    return target, tokenizer
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        if not config.overwrite:
+            raise ValueError(f"Output directory {out} exists and is not empty; pass --overwrite to replace it or "
+                             "--resume to continue its last checkpoint.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def micro_batch(data: torch.LongTensor, config: TrainConfig, index: int, rank: int, world: int) -> torch.LongTensor:
+    """The `index`-th micro-batch of this process: a fresh seeded permutation per epoch, sharded by rank."""
+    per_micro = config.batch_size * world
+    epoch, offset = divmod(index * per_micro, len(data))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    picks = [(offset + rank * config.batch_size + i) % len(data) for i in range(config.batch_size)]
+    return data[order[picks]]
+
+
+def step_generator(config: TrainConfig, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(config.seed * 1000003 + index)
+
+
+def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
+    """Run (or resume) one training stage; returns the trained draft, also saved in `config.output_dir`."""
+    from accelerate import Accelerator
+
+    if not 1 <= config.lag_min <= config.lag_max:
+        raise ValueError(f"Need 1 <= lag_min <= lag_max, got {config.lag_min}, {config.lag_max}.")
+    if config.loss not in ("ce", "distill"):
+        raise ValueError(f"Unknown loss {config.loss!r}; use 'ce' or 'distill'.")
+    if config.seq_len < config.lag_max + 2:
+        raise ValueError(f"--seq-len {config.seq_len} is shorter than the lag ({config.lag_max}) + 2; use longer "
+                         "sequences or a smaller --lag-max.")
+    out = prepare_output_dir(config)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+                              mixed_precision="bf16" if config.dtype == "bf16" else "no")
+    target, tokenizer = load_target(config)
+    target.to(accelerator.device)
+    max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
+    data = pack(load_texts(config.data, config.text_column), tokenizer, config.seq_len)
+
+    torch.manual_seed(config.seed)
+    if config.init_draft:
+        draft = LongSpecDraftModel.from_pretrained(config.init_draft)
+        draft.bind(target)
+    else:
+        draft = LongSpecDraftModel.from_target(target, sink_size=config.sink_size, window_size=config.window_size)
+    draft.config.target_name_or_path = config.target
+    draft.generation_config.tree_shape = list(config.tree_shape)
+    draft.to(accelerator.device).train()
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
+    # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
+    draft_model, optimizer = accelerator.prepare(draft, optimizer)
+
+    start = 0
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        state = LongSpecDraftModel.from_pretrained(checkpoint).state_dict()
+        accelerator.unwrap_model(draft_model).load_state_dict(state)
+        start = load_training_state(checkpoint, optimizer, scheduler)["step"]
+
+    bar = tqdm(total=config.max_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
+               desc="train draft")
+    tokens, t0 = 0, time.perf_counter()
+    for step in range(start, config.max_steps):
+        for micro in range(config.grad_accum):
+            index = step * config.grad_accum + micro
+            gen = step_generator(config, index)
+            lag = int(torch.randint(config.lag_min, config.lag_max + 1, (1,), generator=gen))
+            ids = micro_batch(data, config, index, accelerator.process_index, accelerator.num_processes)
+            positions = torch.stack([
+                anchor_offset_positions(config.seq_len, max_positions, gen, config.max_anchor, config.long_threshold)
+                for _ in range(ids.shape[0])
+            ])
+            ids, positions = ids.to(accelerator.device), positions.to(accelerator.device)
+            with accelerator.accumulate(draft_model), accelerator.autocast():
+                loss = draft_loss(draft_model, target, ids, positions, lag, config.loss)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(draft_model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            tokens += ids.numel() * accelerator.num_processes
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
+            save_checkpoint(accelerator, draft_model, optimizer, scheduler, out / f"checkpoint-{step + 1}", step + 1,
+                            config)
+    bar.close()
+    final = accelerator.unwrap_model(draft_model)
+    if accelerator.is_main_process:
+        final.save_pretrained(out)
+        (out / "training_args.json").write_text(json.dumps(asdict(config), indent=2))
+    return final
+
+
+def save_checkpoint(accelerator, draft_model, optimizer, scheduler, folder: Path, step: int, config) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(draft_model).save_pretrained(folder)
+        save_training_state(folder, optimizer, scheduler, step,
+                            {"consumed_micro_batches": step * config.grad_accum, "config": asdict(config)})
+
+
+def run_recipe(base: TrainConfig, stages: list[dict], progress: bool = True) -> LongSpecDraftModel:
+    """Multi-stage training (e.g. short data with anchor-offset positions, then long data) as configuration: each
+    stage overrides `base`, writes to `<output_dir>/stage-<i>` and starts from the previous stage's draft."""
+    draft, previous = None, base.init_draft
+    for i, overrides in enumerate(stages):
+        values = {**asdict(base), "init_draft": previous, **overrides}
+        values.setdefault("output_dir", base.output_dir)
+        values["output_dir"] = str(Path(base.output_dir) / f"stage-{i}")
+        draft = train(TrainConfig.from_dict(values), progress=progress)
+        previous = values["output_dir"]
+    return draft
