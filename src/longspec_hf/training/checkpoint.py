@@ -49,7 +49,8 @@ def load_training_state(folder: Path, optimizer, scheduler) -> dict:
             raise ValueError(f"Checkpoint {folder} is incomplete ({name} missing); delete it to resume from an "
                              "earlier one.")
     payload = json.loads((folder / STATE_FILE).read_text())
-    optimizer.load_state_dict(optimizer_from_files(load_file(folder / OPTIMIZER_FILE), payload["optimizer_param_groups"]))
+    tensors = load_file(folder / OPTIMIZER_FILE)
+    optimizer.load_state_dict(optimizer_from_files(tensors, payload["optimizer_param_groups"]))
     scheduler.load_state_dict({**payload["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(load_file(folder / RNG_FILE)["torch"])
     return payload

@@ -37,7 +37,8 @@ def cross_attention_allowed(length: int, lag: int, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target_pass(target: PreTrainedModel, input_ids: torch.LongTensor, position_ids: torch.LongTensor, want_logits: bool):
+def target_pass(target: PreTrainedModel, input_ids: torch.LongTensor, position_ids: torch.LongTensor,
+                want_logits: bool):
     """Frozen target forward: last-layer KV `[B, Hkv, L, D]` and, for distillation, logits `[B, L, V]`."""
     cache = DynamicCache()
     out = target(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
