@@ -62,3 +62,19 @@ def test_save_load_round_trip_and_auto_class(tmp_path):
     ids, pos = random_prompt(12), torch.arange(12)[None]
     k = v = torch.randn(1, 2, 12, 16)
     torch.testing.assert_close(draft(ids, pos, k, v), loaded(ids, pos, k, v))
+
+
+def test_model_card_from_hub_cards_template():
+    from longspec_hf.cards import draft_card
+
+    target = tiny_target("llama")
+    draft = LongSpecDraftModel.from_target(target, sink_size=4, window_size=16)
+    draft.generation_config.tree_shape = [1, 1, 1]
+    card = draft_card(draft, base_model="org/tiny-llama", repo_id="org/tiny-llama-longspec",
+                      datasets=["python-stdlib"], training_recipe="longspec train ...", results_table="| x |")
+    data = card.data.to_dict()
+    assert data["library_name"] == "longspec-hf" and data["base_model"] == "org/tiny-llama"
+    assert data["pipeline_tag"] == "text-generation" and "speculative-decoding" in data["tags"]
+    text = str(card)
+    assert 'LongSpecDraftModel.from_pretrained("org/tiny-llama-longspec")' in text
+    assert "| window tokens | 16 |" in text and "[1, 1, 1]" in text and "longspec train ..." in text
