@@ -1,20 +1,32 @@
 """Hybrid tree attention for verification, registered in transformers' ``AttentionInterface``.
 
-During verification the target attends from ``q`` tree tokens to ``P`` committed prefix keys plus the ``q`` tree
-keys. A dense ``[q, P + q]`` masked attention cannot use the fast unmasked kernels, and the mask is pure overhead on
-the prefix, where every key is visible. So the call is split:
+During verification the target runs one forward over ``q`` tree tokens appended after ``P`` committed prefix tokens
+already in its KV cache. Dense attention would need an additive ``[q, P + q]`` mask, which rules out the fast
+mask-free kernels although the mask is all zeros over the (long) prefix. So the call is split in two:
 
-1. prefix part: queries x prefix keys, **no mask** -> ``(o1, lse1)`` from a kernel that returns the log-sum-exp;
-2. tree part: queries x tree keys with the tree mask (small, ``q x q``) -> ``(o2, lse2)``;
-3. merge: ``lse = logaddexp(lse1, lse2)``, ``out = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)``.
+1. prefix part: queries x ``keys[:P]``, **no mask** -> ``(o1, lse1)``, from a kernel that also returns the
+   log-sum-exp of the scaled scores of each query row;
+2. tree part: queries x ``keys[P:]`` (``q x q``, small) with the tree mask, plain fp32 matmul -> ``(o2, lse2)``;
+3. merge, in fp32: ``lse = logaddexp(lse1, lse2)``, ``out = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)``.
 
-The merge is exact: softmax over the union of two key sets is the LSE-weighted mix of the two partial softmaxes. The
-prefix keeps a mask only where one is genuinely needed (padding, or a sliding window shorter than the context).
+Why the merge is exact: for one query row with scores ``s_j``, ``o_A = sum_{j in A} e^{s_j} v_j / e^{lse_A}`` with
+``lse_A = log sum_{j in A} e^{s_j}``. For disjoint key sets A and B, ``e^{lse_{A+B}} = e^{lse_A} + e^{lse_B}``, hence
+``o_{A+B} = o_A e^{lse_A - lse_{A+B}} + o_B e^{lse_B - lse_{A+B}}``: the softmax over the union, not an approximation.
+An empty (fully masked) part has ``lse = -inf`` and weight 0; the tree part always sees at least its own node.
+
+The prefix keeps a mask only when one is genuinely needed: padding / placeholder slots (the caller passes
+``tree_prefix_masked=True``), or a sliding window shorter than ``P + q``.
+
+Prefix backends (``tree_attn_backend``): ``"flash_attn"`` (flash-attn package; CUDA, fp16/bf16, no mask),
+``"sdpa_lse"`` (torch's LSE-returning fused SDPA ops), ``"torch"`` (plain fp32 matmul) and ``"auto"`` (the first of
+those that serves the inputs). Unavailable or unsuitable backends fall through to the next one, down to ``"torch"``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -24,109 +36,213 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 HYBRID_ATTENTION_NAME = "longspec_hybrid"
 BACKENDS = ("auto", "flash_attn", "sdpa_lse", "torch")
 
+_HALF = (torch.float16, torch.bfloat16)
+_FLASH_HINT = (
+    "tree_attn_backend='flash_attn' needs the flash-attn package (CUDA only): pip install 'longspec-hf[flash]', "
+    "or use tree_attn_backend='auto'."
+)
 
-def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`[B, Hkv, S, D]` -> `[B, H, S, D]` for grouped-query attention."""
-    groups = num_heads // x.shape[1]
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+def kv_groups(query: torch.Tensor, key: torch.Tensor) -> int:
+    """Query heads per KV head, from the shapes (the module's `num_key_value_groups` is not trusted)."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
+    return heads // kv_heads
+
+
+def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, Hkv, S, D]` -> `[B, H, S, D]`; query head h reads KV head h // groups, as transformers' `repeat_kv`."""
+    groups = heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def torch_attention_lse(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention in fp32: `q [B, H, q, D]`, `k/v [B, Hkv, S, D]`, additive `mask [B, 1|H, q, S]` or None.
+def as_additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Boolean masks (True = visible, as transformers' `sdpa_mask` builds them) become additive ones."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
 
-    Returns `(out [B, H, q, D] fp32, lse [B, H, q] fp32)`. Query heads are grouped per KV head instead of copying
-    the KV heads, so a long prefix is never duplicated.
+
+def fully_masked_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`[B, H, q]` bool: rows whose every key is masked with -inf (fused kernels report lse = 0 for them, not -inf)."""
+    return torch.isneginf(mask).all(dim=-1).expand(shape)
+
+
+# -------------------------------------------------------------------------------------------------------- backends
+
+
+def torch_attention_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention in fp32; `query [B, H, q, D]`, `key/value [B, Hkv, S, D]`, additive `mask [B|1, 1|H, q, S]`.
+
+    Returns `(out [B, H, q, D], lse [B, H, q])`, fp32. The query heads sharing a KV head are stacked along the query
+    axis instead of copying the KV heads, so a long prefix is never duplicated.
     """
-    b, h, n, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = h // hkv
-    qg = q.float().reshape(b, hkv, g * n, d)  # head h reads KV head h // g, as with repeat_interleave
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, g*q, S]
+    b, h, n, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    g = kv_groups(query, key)
+    q = query.float().reshape(b, hkv, g * n, d)  # [B, Hkv, g*q, D]; head h = kv * g + j
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scale)  # [B, Hkv, g*q, S]
     if mask is not None:
+        scores = scores.view(b, hkv, g, n, s)  # [B, Hkv, g, q, S]
         m = mask.float()
-        m = m.expand(b, h, n, s) if m.shape[1] == h else m.expand(b, 1, n, s).unsqueeze(2).expand(b, 1, g, n, s)
-        scores = scores + m.reshape(b, -1, g * n, s)
+        scores = scores + (m.unsqueeze(2) if m.shape[1] == 1 else m.unflatten(1, (hkv, g)))
+        scores = scores.view(b, hkv, g * n, s)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, g*q]
-    # A fully masked row has lse = -inf; its weights must be 0, not NaN.
-    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
-    out = torch.matmul(probs, v.float())  # [B, Hkv, g*q, D]
-    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+    # A fully masked row has lse = -inf; shifting by 0 there keeps its weights at 0 instead of NaN.
+    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(probs, value.float())  # [B, Hkv, g*q, D]
+    return out.view(b, h, n, d), lse.view(b, h, n)
 
 
-def _cpu_flash_op():
+@functools.cache
+def _cpu_lse_op() -> Callable | None:
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def sdpa_lse_attention(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """torch's fused SDPA ops that also return the LSE; `None` when no such op serves these inputs."""
-    if q.device.type == "cpu":
-        op = _cpu_flash_op()
-        if op is None:
-            return None
-        # The CPU op handles grouped KV heads and a broadcast [B, 1, q, S] float mask natively.
-        if mask is not None:
-            mask = mask.to(q.dtype)
-        out, lse = op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
-        return out.float(), lse.float()
-    if q.device.type == "cuda":
-        op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
-        if op is None:
-            return None
-        k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
-        bias = None
-        if mask is not None:
-            bias = mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).contiguous()
-        out, lse = op(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
-        return out.float(), lse[..., : q.shape[2]].float()
+@functools.cache
+def _cuda_lse_op() -> Callable | None:
+    return getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+
+
+def _cpu_sdpa_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    op = _cpu_lse_op()
+    if op is None or key.shape[2] == 0:  # the op dies with SIGFPE on zero keys
+        return None
+    kv_groups(query, key)  # the op accepts any head counts, silently wrong when H % Hkv != 0
+    if mask is not None:
+        # The op wants the mask in the query's dtype; it broadcasts [B|1, 1, q, S] and handles GQA natively.
+        mask = mask.to(query.dtype)
+    out, lse = op(query, key, value, 0.0, False, attn_mask=mask, scale=scale)[:2]  # [B, H, q, D], [B, H, q]
+    lse = lse.float()
+    if mask is not None:
+        lse = lse.masked_fill(fully_masked_rows(mask, lse.shape), -torch.inf)
+    return out.float(), lse
+
+
+def _cuda_sdpa_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    op = _cuda_lse_op()
+    if op is None:
+        return None
+    b, h, n, _ = query.shape
+    s = key.shape[2]
+    key, value = repeat_kv_heads(key, h), repeat_kv_heads(value, h)  # the kernel has no GQA
+    bias = None
+    if mask is not None:
+        # The kernel wants a full [B, H, q, S] bias whose rows start on 16-element boundaries (SDPA pads it likewise).
+        padded = -(-s // 16) * 16
+        bias = torch.empty(b, h, n, padded, dtype=query.dtype, device=query.device)[..., :s]
+        bias.copy_(mask.expand(b, h, n, s))
+    try:
+        out, lse = op(query, key, value, bias, True, 0.0, False, scale=scale)[:2]  # lse [B, H, q rounded up]
+    except RuntimeError:  # shapes / dtypes / head dims the kernel does not serve
+        return None
+    lse = lse[..., :n].float()
+    if mask is not None:
+        lse = lse.masked_fill(fully_masked_rows(mask, lse.shape), -torch.inf)
+    return out.float(), lse
+
+
+def sdpa_lse_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's fused SDPA ops that also return the LSE: `(out, lse)` fp32, or `None` when none serves the inputs."""
+    if query.device.type == "cpu":
+        return _cpu_sdpa_lse(query, key, value, mask, scale)
+    if query.device.type == "cuda":
+        return _cuda_sdpa_lse(query, key, value, mask, scale)
     return None
 
 
-def flash_attn_available() -> bool:
+@functools.cache
+def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def flash_attention_lse(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash-attn (CUDA, fp16/bf16, GQA native, no mask)."""
+def _flash_attn_func(required: bool = False) -> Callable | None:
+    """`flash_attn.flash_attn_func`, imported lazily; `None` (or ImportError if `required`) when not importable."""
+    if not required and not _flash_attn_installed():  # spare "auto" a failing import on every layer
+        return None
     try:
         from flash_attn import flash_attn_func
     except ImportError as err:
-        raise ImportError(
-            "The flash_attn tree-attention backend needs flash-attn: pip install 'longspec-hf[flash]' (CUDA only)."
-        ) from err
-    out, lse, _ = flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
-        return_attn_probs=True,
-    )
-    return out.transpose(1, 2).float(), lse[..., : q.shape[2]].float()
+        if required:
+            raise ImportError(_FLASH_HINT) from err
+        return None
+    return flash_attn_func
 
 
-def prefix_attention_lse(q, k, v, mask, scale, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the tree queries over the committed prefix, with its LSE, on the requested backend."""
+def flash_attention_lse(
+    flash_attn_func: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn without a mask (CUDA, fp16/bf16, GQA native); takes `[B, S, H, D]`, returns lse `[B, H, q]`."""
+    out, lse = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        softmax_scale=scale, causal=False, return_attn_probs=True,
+    )[:2]
+    return out.transpose(1, 2).float(), lse[..., : query.shape[2]].float()
+
+
+def check_backend(backend: str) -> None:
+    """Refuse unknown backend names, and an explicit "flash_attn" without the package (naming the fix)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown tree_attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if backend == "flash_attn" and not flash_attn_available():
-        raise ImportError(
-            "The flash_attn tree-attention backend needs flash-attn: pip install 'longspec-hf[flash]' (CUDA only)."
-        )
-    wants_flash = backend == "flash_attn" or (backend == "auto" and flash_attn_available())
-    if wants_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return flash_attention_lse(q, k, v, scale)
+    if backend == "flash_attn":
+        _flash_attn_func(required=True)
+
+
+def prefix_attention_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the tree queries over the prefix keys with its LSE: `(out [B, H, q, D], lse [B, H, q])`, fp32.
+
+    `backend` is assumed checked (:func:`check_backend`); a backend that cannot serve the inputs falls through.
+    """
+    if backend in ("auto", "flash_attn") and mask is None and query.is_cuda and query.dtype in _HALF:
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash_attention_lse(flash, query, key, value, scale)
     if backend != "torch":
-        result = sdpa_lse_attention(q, k, v, mask, scale)
+        result = sdpa_lse_attention(query, key, value, mask, scale)
         if result is not None:
             return result
-    return torch_attention_lse(q, k, v, mask, scale)
+    return torch_attention_lse(query, key, value, mask, scale)
 
 
-def merge_attention_states(o1, lse1, o2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of two partial attentions over disjoint key sets.
+def merge_attention_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets, in fp32.
 
-    `o: [B, H, q, D]`, `lse: [B, H, q]` (fp32). Returns `(out, lse)` over the union of the keys.
+    `o: [B, H, q, D]`, `lse: [B, H, q]`; returns `(out [B, H, q, D], lse [B, H, q])` over the union of the keys. A part
+    with lse = -inf (no visible key) gets weight 0 even if its output is NaN; a row empty in both parts gives 0.
     """
-    lse = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
-    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
-    return o1 * w1 + o2 * w2, lse
+    lse1, lse2 = lse1.float(), lse2.float()
+    lse = torch.logaddexp(lse1, lse2)  # [B, H, q]
+    w1 = torch.exp(lse1 - lse)[..., None]  # NaN only where both parts are empty; `w > 0` is False there
+    w2 = torch.exp(lse2 - lse)[..., None]
+    out = torch.where(w1 > 0, o1.float() * w1, 0.0) + torch.where(w2 > 0, o2.float() * w2, 0.0)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------- the attention function
+
+
+def _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
+    # sdpa_attention_forward learns GQA from the module only; expand here when the module does not say.
+    if query.shape[1] != key.shape[1] and getattr(module, "num_key_value_groups", 1) == 1:
+        key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def hybrid_tree_attention(
@@ -143,46 +259,65 @@ def hybrid_tree_attention(
     tree_attn_backend: str = "auto",
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    r"""`AttentionInterface` function: `query [B, H, q, D]`, `key/value [B, Hkv, P + q, D]`, additive
-    `attention_mask [B, 1, q, P + q]`; returns `(out [B, q, H, D], None)`.
+    """`AttentionInterface` function: `query [B, H, q, D]`, `key/value [B, Hkv, P + q, D]`, additive
+    `attention_mask [B, 1, q, P + q]` or None; returns `(out [B, q, H, D] contiguous, None)`.
 
-    `tree_prefix_len` (P) marks a verification forward; without it this is ordinary SDPA attention.
-    `tree_prefix_masked` says the prefix carries padding, so its mask must be applied.
+    Args:
+        tree_prefix_len: P, the committed keys before the `q` tree keys; marks a verification forward. Without it
+            this is transformers' SDPA attention (exact dense attention, dropout included).
+        tree_prefix_masked: the prefix holds padding / placeholder slots, so its part of the mask must be applied.
+        sliding_window: the layer's window; when `P + q` exceeds it the prefix mask is applied too.
+        tree_attn_backend: "auto" | "flash_attn" | "sdpa_lse" | "torch", for the prefix part.
+
+    `dropout` is ignored on the tree path (verification is inference). Other kwargs are accepted and ignored.
     """
     if tree_prefix_len is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
-            **kwargs,
+        return _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    check_backend(tree_attn_backend)
+    prefix_len, q_len = int(tree_prefix_len), query.shape[2]
+    if key.shape[2] != prefix_len + q_len:
+        raise ValueError(
+            f"tree_prefix_len={prefix_len} with {q_len} tree queries needs {prefix_len + q_len} keys, "
+            f"got {key.shape[2]}."
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q_len, prefix_len = query.shape[2], tree_prefix_len
-    tree_mask = None if attention_mask is None else attention_mask[..., prefix_len:]
+    mask = as_additive_mask(attention_mask, query.dtype)  # [B, 1, q, P + q] or None
+
+    tree_mask = None if mask is None else mask[..., prefix_len:]  # [B, 1, q, q]
     out, lse = torch_attention_lse(query, key[:, :, prefix_len:], value[:, :, prefix_len:], tree_mask, scale)
     if prefix_len > 0:
         window_bites = sliding_window is not None and prefix_len + q_len > sliding_window
-        prefix_mask = None
-        if attention_mask is not None and (tree_prefix_masked or window_bites):
-            prefix_mask = attention_mask[..., :prefix_len]
+        prefix_mask = mask[..., :prefix_len] if mask is not None and (tree_prefix_masked or window_bites) else None
         o1, lse1 = prefix_attention_lse(
             query, key[:, :, :prefix_len], value[:, :, :prefix_len], prefix_mask, scale, tree_attn_backend
         )
         out, lse = merge_attention_states(o1, lse1, out, lse)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, q, H, D]
+
+
+# ------------------------------------------------------------------------------------------------- registration
 
 
 def register_hybrid_attention() -> None:
-    """Register :func:`hybrid_tree_attention` (and the SDPA mask format) under :data:`HYBRID_ATTENTION_NAME`."""
+    """Register :func:`hybrid_tree_attention` under :data:`HYBRID_ATTENTION_NAME` (idempotent).
+
+    The SDPA mask function is registered for the name too, so transformers can still build masks if the name is
+    selected outside verification (then the function runs as plain SDPA).
+    """
     AttentionInterface.register(HYBRID_ATTENTION_NAME, hybrid_tree_attention)
     AttentionMaskInterface.register(HYBRID_ATTENTION_NAME, sdpa_mask)
 
 
-def available_backends(device: str = "cpu") -> list[str]:
-    """Backends that can serve the prefix part on `device` in this process."""
-    backends = ["torch"]
-    if (device == "cpu" and _cpu_flash_op() is not None) or (
-        device == "cuda" and getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None) is not None
-    ):
-        backends.append("sdpa_lse")
-    if device == "cuda" and flash_attn_available():
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Prefix backends that work in this process on `device` (default: CUDA if available, else CPU), best first.
+
+    "auto" is not listed: it picks the first of these that serves the inputs.
+    """
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = kind == "cuda" and torch.cuda.is_available()
+    backends = []
+    if cuda and _flash_attn_installed():
         backends.append("flash_attn")
-    return backends
+    if (kind == "cpu" and _cpu_lse_op() is not None) or (cuda and _cuda_lse_op() is not None):
+        backends.append("sdpa_lse")
+    return [*backends, "torch"]

@@ -72,7 +72,8 @@ def load_target(config: TrainConfig):
 
     kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     try:
-        target = AutoModelForCausalLM.from_pretrained(config.target, dtype=torch.float32, **kwargs)
+        dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        target = AutoModelForCausalLM.from_pretrained(config.target, dtype=dtype, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(f"{config.target} has no causal LM head (AutoModelForCausalLM cannot load it); "
