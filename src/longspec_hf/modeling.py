@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from .cache import SinkWindowCache, sink_window_slots
 from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
-from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree
+from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree, tree_attention_bias
 
 
 class RMSNorm(nn.Module):
@@ -297,15 +297,15 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         cache: SinkWindowCache = state.cache
         target_key, target_value = target_last_layer_kv(target_state.cache)
         cross_bias = target_state.key_bias(target_key.dtype)  # [B, 1, 1, L] or None
-        committed_valid = cache.layers[0].valid  # [B, C] or None
-        committed = cache.get_stored_length()
+        valid = cache.layers[0].valid  # [B, C] or None
+        if valid is None:
+            valid = torch.ones(len(root_tokens), cache.get_stored_length(), dtype=torch.bool, device=root_tokens.device)
+        # Committed entries are visible to every node (placeholders excepted); tree entries follow the tree.
+        committed_bias = tree_attention_bias(valid, torch.float32)[:, None]  # [B, 1, C], built once per round
         cache.begin_speculation()
 
         def step(tokens: torch.Tensor, positions: torch.Tensor, tree_bias: torch.Tensor) -> torch.Tensor:
-            # Committed entries are visible to every node (placeholders excepted); tree entries follow the tree.
-            prefix = tree_bias.new_zeros(tokens.shape[0], tokens.shape[1], committed)
-            if committed_valid is not None:
-                prefix.masked_fill_(~committed_valid[:, None], torch.finfo(prefix.dtype).min)
+            prefix = committed_bias.expand(-1, tokens.shape[1], -1)  # [B, m, C]
             bias = torch.cat([prefix, tree_bias], dim=-1)[:, None]  # [B, 1, m, C + n]
             return self(tokens, positions, target_key, target_value, cache, bias, cross_bias)
 

@@ -63,7 +63,9 @@ def validate_tree_shape(tree_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def tree_attention_bias(ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (same shape as `ancestors`): 0 where a node may attend, the dtype's minimum elsewhere."""
+    """Additive mask (same shape as the bool `ancestors`): 0 where attention is allowed, the dtype's minimum elsewhere.
+
+    The one bool -> additive conversion of the package (tree masks, placeholder slots, training masks)."""
     bias = torch.zeros(ancestors.shape, dtype=dtype, device=ancestors.device)
     return bias.masked_fill_(~ancestors, torch.finfo(dtype).min)
 

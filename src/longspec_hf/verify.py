@@ -71,8 +71,7 @@ class TargetState:
         """Additive `[B, 1, 1, S]` mask hiding invalid slots, or `None` when there are none."""
         if self.valid is None:
             return None
-        bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
-        return bias.masked_fill_(~self.valid, torch.finfo(dtype).min)[:, None, None]
+        return tree_attention_bias(self.valid, dtype)[:, None, None]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)

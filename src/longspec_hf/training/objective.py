@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from ..drafting import target_last_layer_kv
-
-
-def neg_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+from ..tree import tree_attention_bias
 
 
 def self_attention_allowed(length: int, sink: int, window: int, device=None) -> torch.Tensor:
@@ -67,8 +64,8 @@ def draft_loss(
     key, value, target_logits = target_pass(target, input_ids, position_ids, loss_type == "distill")
     dtype = key.dtype
     sink, window = draft.config.sink_size, draft.config.window_size
-    self_mask = neg_mask(self_attention_allowed(length, sink, window, input_ids.device), dtype)[None, None]
-    cross_mask = neg_mask(cross_attention_allowed(length, lag, input_ids.device), dtype)[None, None]
+    self_mask = tree_attention_bias(self_attention_allowed(length, sink, window, input_ids.device), dtype)[None, None]
+    cross_mask = tree_attention_bias(cross_attention_allowed(length, lag, input_ids.device), dtype)[None, None]
     logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask)  # [B, L, V]
     scored = slice(lag, length - 1)
     draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)
