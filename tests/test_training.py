@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -127,7 +128,10 @@ def test_recipe_runs_stages(workspace, tmp_path):
     out = tmp_path / "staged"
     cli(["train", "--target", str(workspace / "target"), "--data", str(workspace / "corpus.txt"), "--output-dir",
          str(out), "--recipe", str(recipe)])
+    first = json.loads((out / "stage-0" / "training_args.json").read_text())
     second = json.loads((out / "stage-1" / "training_args.json").read_text())
+    # The recipe's base wins over the CLI's defaults; flags the user typed win over the base.
+    assert first["seq_len"] == 32 and first["window_size"] == 16 and first["max_steps"] == 2
     assert second["seq_len"] == 64 and second["init_draft"] == str(out / "stage-0")
 
 
@@ -158,3 +162,18 @@ def test_target_without_causal_lm_head_is_refused(tmp_path):
     cfg = TrainConfig(target=str(tmp_path / "t5"), data=["x"], output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="causal LM"):
         train(cfg, progress=False)
+
+
+def test_resumed_recipe_skips_finished_stages(workspace, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"base": {"seq_len": 32, "window_size": 16},
+                                  "stages": [{"max_steps": 2}, {"max_steps": 2, "seed": 1}]}))
+    out = tmp_path / "staged"
+    args = ["train", "--target", str(workspace / "target"), "--data", str(workspace / "corpus.txt"), "--output-dir",
+            str(out), "--recipe", str(recipe)]
+    cli(args)
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("stage-*/model.safetensors")}
+    shutil.rmtree(out / "stage-1")
+    cli(args + ["--resume"])
+    assert (out / "stage-0" / "model.safetensors").stat().st_mtime_ns == finished[out / "stage-0" / "model.safetensors"]
+    assert (out / "stage-1" / "model.safetensors").exists()

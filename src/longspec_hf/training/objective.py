@@ -50,7 +50,7 @@ def draft_loss(
     input_ids: torch.LongTensor,
     position_ids: torch.LongTensor,
     lag: int,
-    loss_type: str = "ce",
+    loss_type: str = "distill",
 ) -> torch.Tensor:
     """Mean next-token loss of the draft over positions `lag .. L-2` of `input_ids [B, L]`.
 
