@@ -64,6 +64,20 @@ def family(request):
     return request.param
 
 
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary ("w0" ... "w94"), built offline.
+
+    Id 95 is "abcdef": transformers' stop-string matcher tokenizes that string to learn how tokens are joined.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"abcdef": VOCAB - 1}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0")
+
+
 def random_prompt(length: int, seed: int = 0) -> torch.LongTensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (1, length), generator=g)

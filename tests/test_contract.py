@@ -6,11 +6,9 @@ import threading
 
 import pytest
 import torch
-from conftest import VOCAB, OracleDrafter, plain_greedy, random_prompt, tiny_target
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import VOCAB, OracleDrafter, plain_greedy, random_prompt, tiny_target, word_tokenizer
 from transformers import (
     GenerationConfig,
-    PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -21,14 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary ("w0" ... "w94"), built offline.
-
-    Id 95 is "abcdef": transformers' stop-string matcher tokenizes that string to learn how tokens are joined.
-    """
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"abcdef": VOCAB - 1}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0")
+    return word_tokenizer()
 
 
 def setup(family="llama", prompt_len=30, new=30, seed=4, tree=(4, 16, 16, 16)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, OracleDrafter, plain_greedy, random_prompt, tiny_target
+from transformers import DynamicCache
 
 from longspec_hf import LongSpecDraftModel
 
@@ -143,3 +144,37 @@ def test_only_verification_uses_the_hybrid_attention(monkeypatch):
     assert all(prefix is not None and q_len == 1 + 2 + 3 + 2
                for q_len, prefix in calls[HYBRID_ATTENTION_NAME][:layers])
     assert target.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("cached", [1, 69])
+def test_prompt_cache_is_continued_losslessly(family, cached):
+    """A prompt cache prefilled once (as `longspec bench` does) is continued without re-reading the prefix."""
+    target = tiny_target(family)
+    ids = random_prompt(70, seed=5)
+    expected = plain_greedy(target, ids, max_new_tokens=20)
+    cache = DynamicCache()
+    with torch.no_grad():
+        target(ids[:, :cached], past_key_values=cache, use_cache=True)
+    reads = []
+    hook = target.get_input_embeddings().register_forward_hook(lambda m, a, o: reads.append(a[0].shape[1]))
+    oracle = OracleDrafter(target, expected, [1, 1, 1], corrupt_every=4)
+    out = target.generate(ids, assistant_model=oracle, max_new_tokens=20, past_key_values=cache)
+    hook.remove()
+    assert torch.equal(out, expected)
+    assert reads[0] == 70 - cached  # the prefill reads only the tokens the cache lacks
+
+
+def test_prompt_cache_errors_name_the_fix():
+    target = tiny_target("llama")
+    ids = random_prompt(12, seed=6)
+    draft = make_draft(target, [1, 1])
+    full = DynamicCache()
+    with torch.no_grad():
+        target(ids, past_key_values=full, use_cache=True)
+    with pytest.raises(ValueError, match="at least its last token"):
+        target.generate(ids, assistant_model=draft, max_new_tokens=4, past_key_values=full)
+    wide = DynamicCache()
+    with torch.no_grad():
+        target(ids[:, :6].expand(2, 6), past_key_values=wide, use_cache=True)
+    with pytest.raises(ValueError, match="batch size"):
+        target.generate(ids, assistant_model=draft, max_new_tokens=4, past_key_values=wide)

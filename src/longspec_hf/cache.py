@@ -231,8 +231,14 @@ class SinkWindowCache(DynamicCache):
 
     def nbytes(self) -> int:
         """Bytes held by the stored key/value tensors (all layers)."""
-        return sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-        )
+        return kv_bytes(self)
+
+
+def kv_bytes(cache, layers: int | None = None) -> int:
+    """Bytes of the key/value tensors held by any transformers Cache (only its first `layers` layers if given)."""
+    total = 0
+    for layer in list(getattr(cache, "layers", []))[:layers]:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,4 +1,4 @@
-"""`longspec` command line: `longspec train ...`, `longspec eval ...`."""
+"""`longspec` command line: `longspec train ...`, `longspec eval ...`, `longspec bench ...`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
 
     add_eval_arguments(eval_parser)
     eval_parser.set_defaults(func=eval_command)
+    bench_parser = commands.add_parser("bench", help="speed-up, tau and memory of decoding methods, same-run baseline")
+    from .bench.cli import add_bench_arguments, bench_cli
+
+    add_bench_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench_cli)
     args = parser.parse_args(argv)
     args.func(args)
 

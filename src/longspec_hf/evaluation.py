@@ -75,13 +75,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_cli(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from .loading import load_causal_lm
     from .modeling import LongSpecDraftModel
 
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.target, **kwargs)
+    target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     draft = LongSpecDraftModel.from_pretrained(args.draft)
     draft.bind(target)
     if args.tree_shape:

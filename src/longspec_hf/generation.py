@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cache import kv_bytes
 from .drafting import Drafter
 from .tree import validate_tree_shape
 from .verify import TargetState, accept_path, compact, verify_tree
@@ -38,6 +39,8 @@ class SpeculativeStats:
         accepted_tokens: draft tokens accepted by the target.
         new_tokens: tokens emitted (includes the first token, which comes from the prefill).
         acceptance_lengths: accepted draft tokens per round.
+        draft_cache_bytes: the most bytes the draft's own cache held during the call (constant for a sink+window
+            cache, whatever the context length).
     """
 
     rounds: int = 0
@@ -45,6 +48,7 @@ class SpeculativeStats:
     accepted_tokens: int = 0
     new_tokens: int = 0
     acceptance_lengths: list[int] = field(default_factory=list)
+    draft_cache_bytes: int = 0
 
     @property
     def tau(self) -> float:
@@ -92,16 +96,30 @@ def validate_inputs(
         raise ValueError("Streamers support batch size 1 only; generate one prompt at a time to stream.")
     cache = model_kwargs.get("past_key_values")
     if cache is not None and cache.get_seq_length() > 0:
-        raise ValueError(
-            "Continuing from a filled past_key_values is not supported with a LongSpec draft; pass the full prompt "
-            "without a cache."
-        )
+        check_prompt_cache(cache, input_ids, mask)
     for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise NotImplementedError(
                 f"{flag}=True is not supported with a LongSpec draft; generate without it (sequences are returned)."
             )
     return mask
+
+
+def check_prompt_cache(cache, input_ids: torch.LongTensor, mask: torch.Tensor | None) -> None:
+    """A filled `past_key_values` (a prompt cache) is continued when it holds the KV of a prefix of every row."""
+    if mask is not None:
+        raise ValueError("A filled past_key_values cannot be continued for left-padded rows with a LongSpec draft; "
+                         "pass the full padded prompts without a cache.")
+    if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError("A filled past_key_values must be a plain DynamicCache() (full layers, built without a "
+                         "config) to be continued with a LongSpec draft: rejected tree tokens are cropped from it.")
+    cached = cache.get_seq_length()
+    if cached >= input_ids.shape[1]:
+        raise ValueError(f"past_key_values already holds {cached} tokens but the prompt has {input_ids.shape[1]}; "
+                         "pass the full prompt, with at least its last token not yet in the cache.")
+    if cache.layers[0].keys.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"past_key_values has batch size {cache.layers[0].keys.shape[0]} but input_ids has "
+                         f"{input_ids.shape[0]}; expand the cache to the batch (or generate per row).")
 
 
 def token_selector(generation_config: GenerationConfig):
@@ -166,15 +184,19 @@ def speculative_generate(
     max_length = generation_config.max_length
     batch, n = input_ids.shape
 
-    # 1. prefill: the target reads the prompts with its own attention, the draft fills its constant-size cache
-    cache = DynamicCache()  # full layers, so any rejected tree tail can be cropped
+    # 1. prefill: the target reads the prompts with its own attention (only the tokens a given prompt cache lacks),
+    #    the draft fills its constant-size cache
+    cache = model_kwargs.get("past_key_values")
+    if cache is None or cache.get_seq_length() == 0:
+        cache = DynamicCache()  # full layers, so any rejected tree tail can be cropped
+    cached = cache.get_seq_length()
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
     else:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = target(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
+        input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=position_ids[:, cached:],
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
     ).logits[:, -1].float()  # [B, V]
     state = TargetState(
         cache=cache,
@@ -217,6 +239,7 @@ def speculative_generate(
         committed = tree.tokens.gather(1, torch.tensor([[0] + p + [0] * (new_valid.shape[1] - 1 - len(p))
                                                         for p in paths], device=tree.tokens.device))
         drafter.commit(draft_state, committed, new_valid, root_positions)
+        stats.draft_cache_bytes = max(stats.draft_cache_bytes, kv_bytes(draft_state.cache))
         # 6. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
         still_active = []
         for i, b in enumerate(active):

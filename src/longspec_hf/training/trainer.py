@@ -69,22 +69,9 @@ class TrainConfig:
 
 
 def load_target(config: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..loading import load_causal_lm
 
-    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-    try:
-        dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
-        target = AutoModelForCausalLM.from_pretrained(config.target, dtype=dtype, **kwargs)
-    except ValueError as err:
-        if "Unrecognized configuration class" in str(err):
-            raise ValueError(f"{config.target} has no causal LM head (AutoModelForCausalLM cannot load it); "
-                             "train drafts for causal LMs only.") from err
-        raise
-    if target.get_output_embeddings() is None:
-        raise ValueError(f"{config.target} has no LM head; train drafts for causal LMs only.")
-    target.requires_grad_(False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.target, **kwargs)
-    return target, tokenizer
+    return load_causal_lm(config.target, config.gguf_file, config.dtype, tokenizer=config.tokenizer)
 
 
 def warmup_cosine(warmup: int, total: int):

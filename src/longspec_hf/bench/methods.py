@@ -1,0 +1,122 @@
+"""Decoding methods the benchmark compares. A method is a name plus a greedy `generate` call; add your own by
+building a :class:`Method` and passing it to :func:`~longspec_hf.bench.run_bench`.
+
+Built in: plain ``generate()`` (the autoregressive baseline every speed-up is measured against), transformers'
+prompt-lookup decoding and early-exit (LayerSkip-style) assisted decoding, and LongSpec with any tree shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import kv_bytes
+
+BASELINE = "autoregressive"
+
+
+@dataclass
+class MethodOutput:
+    """What one greedy generation returns: the sequences `[1, n + new]` and what only the method can observe."""
+
+    sequences: torch.LongTensor
+    draft_cache_bytes: int | None = None
+
+
+@dataclass
+class Method:
+    """A decoding method under test.
+
+    Attributes:
+        name: column name in the results.
+        generate: `(target, input_ids [1, n], prompt_cache, max_new_tokens) -> MethodOutput`, greedy. `prompt_cache`
+            is a private copy of the KV of `input_ids[:, :-1]` when `uses_prompt_cache`, else None (then the method
+            prefills itself and its decode time is its end-to-end time minus the prompt's measured prefill time).
+        uses_prompt_cache: whether `generate` continues a prompt cache exactly.
+        skip_reason: why the method cannot run here (it is then reported as skipped, never run).
+        draft_cache_bytes: for methods whose draft state is not observable after the call, its size as a function
+            of the prompt cache.
+    """
+
+    name: str
+    generate: Callable[..., MethodOutput] | None
+    uses_prompt_cache: bool = True
+    skip_reason: str | None = None
+    draft_cache_bytes: Callable | None = None
+    settings: dict = field(default_factory=dict)
+
+
+def greedy(target, input_ids: torch.LongTensor, max_new_tokens: int, **kwargs) -> torch.LongTensor:
+    """Exactly `max_new_tokens` greedy tokens (EOS suppressed, so every method decodes the same number). The mask is
+    all ones: prompts are unpadded, and a prompt token equal to the pad id must not make generate() infer padding."""
+    return target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kwargs)
+
+
+def autoregressive() -> Method:
+    def generate(target, input_ids, cache, max_new_tokens):
+        return MethodOutput(greedy(target, input_ids, max_new_tokens, past_key_values=cache))
+
+    return Method(BASELINE, generate)
+
+
+# transformers 5.23's assisted decoding (prompt lookup, early exit, assistant models) does not continue a filled
+# prompt cache correctly (its first token differs from plain decoding's), so those methods prefill themselves.
+
+
+def prompt_lookup(num_tokens: int = 10) -> Method:
+    def generate(target, input_ids, cache, max_new_tokens):
+        out = greedy(target, input_ids, max_new_tokens, prompt_lookup_num_tokens=num_tokens)
+        return MethodOutput(out, draft_cache_bytes=0)
+
+    return Method("prompt_lookup", generate, uses_prompt_cache=False, settings={"prompt_lookup_num_tokens": num_tokens})
+
+
+def early_exit(target, layer: int | None = None) -> Method:
+    """transformers' early-exit assisted decoding: the target's first `layer` layers and its LM head draft. Only
+    models trained for early exit (LayerSkip) draft well this way; on others it shows the cost of a poor draft."""
+    from .measure import decoder_layers
+
+    layers = decoder_layers(target)
+    if layers is None:
+        return Method("early_exit", None, skip_reason="the target exposes no decoder layer stack")
+    layer = layer or max(1, len(layers) // 4)
+    if not 1 <= layer < len(layers):
+        return Method("early_exit", None, skip_reason=f"exit layer {layer} is not inside the {len(layers)}-layer "
+                                                      "target")
+
+    def generate(target, input_ids, cache, max_new_tokens):
+        return MethodOutput(greedy(target, input_ids, max_new_tokens, assistant_early_exit=layer))
+
+    return Method("early_exit", generate, uses_prompt_cache=False,
+                  draft_cache_bytes=lambda prompt_cache: kv_bytes(prompt_cache, layers=layer),
+                  settings={"assistant_early_exit": layer})
+
+
+def longspec(draft, tree_shape: list[int] | None, name: str = "longspec") -> Method:
+    """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
+    if draft is None:
+        return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
+    shape = list(tree_shape) if tree_shape else list(draft.generation_config.tree_shape)
+
+    def generate(target, input_ids, cache, max_new_tokens):
+        saved = draft.generation_config.tree_shape
+        draft.generation_config.tree_shape = shape
+        try:
+            out = greedy(target, input_ids, max_new_tokens, assistant_model=draft, past_key_values=cache)
+        finally:
+            draft.generation_config.tree_shape = saved
+        return MethodOutput(out, draft_cache_bytes=draft.stats.draft_cache_bytes)
+
+    return Method(name, generate, settings={"tree_shape": shape})
+
+
+def default_methods(target, draft=None, trees: dict[str, list[int]] | None = None, early_exit_layer: int | None = None,
+                    prompt_lookup_tokens: int = 10) -> list[Method]:
+    """The baseline, transformers' prompt lookup and early exit, and LongSpec per tree shape (name -> shape)."""
+    trees = trees if trees is not None else {"longspec_chain": [1, 1, 1], "longspec_tree": [4, 16, 16, 16, 16]}
+    methods = [autoregressive(), prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
+    methods += [longspec(draft, shape, name) for name, shape in trees.items()]
+    return methods

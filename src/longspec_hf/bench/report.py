@@ -1,0 +1,95 @@
+"""Benchmark output: JSON (everything), a Markdown table (the summary) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+
+def mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown_table(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"{env['target']} on {env['device']} ({env['device_name']}, {env['threads']} threads), {env['dtype']}, "
+        f"greedy, {result['settings']['max_new_tokens']} new tokens, {result['settings']['prompts_per_context']} "
+        "prompts per cell; speed-ups are medians over prompts [min-max], against the baseline in the same run.",
+        "",
+        "| workload | context | method | tau | tokens/s | speed-up (decode) | speed-up (end-to-end) | peak MiB "
+        "| draft KV MiB | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        s, e = row["speedup_decode"], row["speedup_end_to_end"]
+        lines.append(
+            f"| {row['workload']} | {row['context']} | {row['method']} | {row['tau']:.2f} "
+            f"| {row['tokens_per_second']['median']:.1f} | {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] "
+            f"| {e['median']:.2f} | {mib(row['peak_memory_bytes'])} | {mib(row['draft_cache_bytes'])} "
+            f"| {'yes' if row['identical'] else 'NO'} |"
+        )
+    for skip in result["skipped"]:
+        lines.append(f"\nSkipped {skip['method']}: {skip['reason']}.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, folder: Path) -> list[Path]:
+    """speedup.png (decode speed-up vs context, one panel per workload) and draft_cache.png (draft KV bytes vs
+    context, with the target's own KV for scale). Needs matplotlib; without it, no plots and a warning."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed, so no plots were written: pip install 'longspec-hf[bench]'",
+                      stacklevel=2)
+        return []
+    rows = result["summary"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    paths = []
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=False):
+        for method in methods:
+            points = sorted((r["context"], r["speedup_decode"]["median"]) for r in rows
+                            if r["workload"] == workload and r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set(title=workload, xlabel="context (tokens)", ylabel="decode speed-up vs plain generate()", xscale="log")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "speedup.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    target_kv = sorted({(r["context"], r["target_kv_bytes"]) for r in rows})
+    ax.plot([c for c, _ in target_kv], [b / 2**20 for _, b in target_kv], "k--", label="target KV cache")
+    for method in methods:
+        points = sorted({(r["context"], r["draft_cache_bytes"]) for r in rows
+                         if r["method"] == method and r["draft_cache_bytes"]})
+        if points:
+            ax.plot([c for c, _ in points], [b / 2**20 for _, b in points], marker="o", label=method)
+    ax.set(xlabel="context (tokens)", ylabel="KV cache (MiB)", xscale="log", title="draft cache vs context")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "draft_cache.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_outputs(result: dict, folder: str | Path) -> dict[str, Path]:
+    """results.json, results.md and the plots in `folder` (created); returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    paths["markdown"].write_text(markdown_table(result) + "\n")
+    for path in plot(result, folder):
+        paths[path.stem] = path
+    return paths
