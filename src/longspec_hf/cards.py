@@ -8,6 +8,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 DRAFT_TEMPLATE = "longspec_draft.md"
+# What the usage snippet names when the repository is not known yet; `longspec push` replaces it.
+REPO_PLACEHOLDER = "<this repo>"
 
 
 def template_path(name: str = DRAFT_TEMPLATE) -> Path:
@@ -46,7 +48,7 @@ def draft_card(
         template_path=str(template_path()),
         model_name=f"LongSpec draft for {base_model}" if base_model else "LongSpec draft",
         base_model=base_model,
-        repo_id=repo_id,
+        repo_id=repo_id or REPO_PLACEHOLDER,
         sink_size=config.sink_size,
         window_size=config.window_size,
         tree_shape=list(draft.generation_config.tree_shape),

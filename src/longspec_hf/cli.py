@@ -1,4 +1,4 @@
-"""`longspec` command line: `longspec train ...`, `longspec eval ...`, `longspec bench ...`."""
+"""`longspec` command line: `train`, `eval`, `bench`, `convert` (official checkpoints) and `push` (to the Hub)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -59,6 +60,32 @@ def eval_command(args: argparse.Namespace) -> None:
     evaluate_cli(args)
 
 
+def convert_command(args: argparse.Namespace) -> None:
+    from .checkpoints import convert_official_checkpoint
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        sys.exit(f"longspec convert: {out} exists and is not empty; pass --overwrite or choose another folder")
+    hub = {"revision": args.revision} if args.revision else {}
+    convert_official_checkpoint(args.checkpoint, out, **hub)
+    print(f"wrote {out} (longspec-hf layout); load it with LongSpecDraftModel.from_pretrained({str(out)!r})")
+
+
+def push_command(args: argparse.Namespace) -> None:
+    from huggingface_hub import ModelCard
+
+    from .modeling import LongSpecDraftModel
+
+    draft = LongSpecDraftModel.from_pretrained(args.draft)
+    readme = Path(args.draft) / "README.md"
+    card = ModelCard.load(readme) if readme.is_file() else None
+    commit = draft.push_to_hub(
+        args.repo_id, model_card=card, custom_generate=not args.no_custom_generate, private=args.private or None,
+        revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
+    )
+    print(f"pushed {args.draft} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from .training import TrainConfig
 
@@ -78,6 +105,22 @@ def main(argv: list[str] | None = None) -> None:
 
     add_bench_arguments(bench_parser)
     bench_parser.set_defaults(func=bench_cli)
+    convert_parser = commands.add_parser("convert", help="write an official LongSpec checkpoint in this layout")
+    convert_parser.add_argument("checkpoint", help="official checkpoint id (e.g. sail/longspec-...) or folder")
+    convert_parser.add_argument("output_dir")
+    convert_parser.add_argument("--revision")
+    convert_parser.add_argument("--overwrite", action="store_true")
+    convert_parser.set_defaults(func=convert_command)
+    push_parser = commands.add_parser("push", help="upload a saved draft with its card and custom_generate/ folder")
+    push_parser.add_argument("draft", help="draft folder (save_pretrained layout; its README.md is the card)")
+    push_parser.add_argument("repo_id", help="Hub repository, e.g. my-org/my-draft")
+    push_parser.add_argument("--private", action="store_true")
+    push_parser.add_argument("--revision", help="branch to push to")
+    push_parser.add_argument("--create-pr", action="store_true")
+    push_parser.add_argument("--commit-message")
+    push_parser.add_argument("--no-custom-generate", action="store_true",
+                             help="do not include the custom_generate/ folder for plain-transformers use")
+    push_parser.set_defaults(func=push_command)
     args = parser.parse_args(argv)
     args.func(args)
 

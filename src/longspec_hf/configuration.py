@@ -22,6 +22,8 @@ class LongSpecDraftConfig(PreTrainedConfig):
         sink_size (`int`, defaults to 4): first tokens always kept in the draft's self-attention cache.
         window_size (`int`, defaults to 512): most recent tokens kept in the draft's self-attention cache.
         target_model_type / target_name_or_path / target_revision: what the draft was built or trained for.
+        weights_sha256 (`dict`, *optional*): sha256 of each weights file, written by `save_pretrained` and checked by
+            `from_pretrained`, so a corrupted or truncated download is refused instead of giving a wrong draft.
     """
 
     model_type = "longspec_draft"
@@ -44,6 +46,7 @@ class LongSpecDraftConfig(PreTrainedConfig):
     target_model_type: str | None = None
     target_name_or_path: str | None = None
     target_revision: str | None = None
+    weights_sha256: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -70,6 +73,7 @@ class LongSpecDraftConfig(PreTrainedConfig):
             rope_parameters=dict(text.rope_parameters) if getattr(text, "rope_parameters", None) else None,
             target_model_type=text.model_type,
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
+            target_revision=getattr(target_config, "_commit_hash", None),
             torch_dtype=None,
         )
         values.pop("torch_dtype")
