@@ -15,6 +15,7 @@ from .drafting import Drafter, DraftState
 from .generation import SpeculativeStats, speculative_generate
 from .hook import install_generation_hook
 from .modeling import LongSpecDraftModel
+from .self_draft import SelfDraft
 from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "DraftTree",
     "LongSpecDraftConfig",
     "LongSpecDraftModel",
+    "SelfDraft",
     "SinkWindowCache",
     "SinkWindowLayer",
     "SpeculativeStats",

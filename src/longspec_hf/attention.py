@@ -245,6 +245,14 @@ def _dense_fallback(module, query, key, value, attention_mask, dropout, scaling,
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def layer_index(module) -> int:
+    index = getattr(module, "layer_idx", None)
+    if index is None:
+        raise ValueError(f"{type(module).__name__} has no layer_idx, which SpecPV partial verification needs; "
+                         "disable generation_config.specpv for this model.")
+    return int(index)
+
+
 def hybrid_tree_attention(
     module,
     query: torch.Tensor,
@@ -257,6 +265,7 @@ def hybrid_tree_attention(
     tree_prefix_len: int | None = None,
     tree_prefix_masked: bool = False,
     tree_attn_backend: str = "auto",
+    tree_partial=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`AttentionInterface` function: `query [B, H, q, D]`, `key/value [B, Hkv, P + q, D]`, additive
@@ -268,6 +277,8 @@ def hybrid_tree_attention(
         tree_prefix_masked: the prefix holds padding / placeholder slots, so its part of the mask must be applied.
         sliding_window: the layer's window; when `P + q` exceeds it the prefix mask is applied too.
         tree_attn_backend: "auto" | "flash_attn" | "sdpa_lse" | "torch", for the prefix part.
+        tree_partial: SpecPV state (:class:`~longspec_hf.specpv.PartialKV`): in a partial round the prefix part
+            reads only the retrieved KV and the recent tail; in a refresh round it also chooses what to retrieve.
 
     `dropout` is ignored on the tree path (verification is inference). Other kwargs are accepted and ignored.
     """
@@ -288,9 +299,15 @@ def hybrid_tree_attention(
     if prefix_len > 0:
         window_bites = sliding_window is not None and prefix_len + q_len > sliding_window
         prefix_mask = mask[..., :prefix_len] if mask is not None and (tree_prefix_masked or window_bites) else None
-        o1, lse1 = prefix_attention_lse(
-            query, key[:, :, :prefix_len], value[:, :, :prefix_len], prefix_mask, scale, tree_attn_backend
-        )
+        prefix_k, prefix_v = key[:, :, :prefix_len], value[:, :, :prefix_len]
+        # SpecPV applies to full-attention layers only; sliding layers already read a bounded prefix.
+        partial = tree_partial if tree_partial is not None and sliding_window is None else None
+        if partial is not None and partial.mode == "partial":
+            o1, lse1 = partial.attention(layer_index(module), query, prefix_k, prefix_v, scale, tree_attn_backend)
+        else:
+            o1, lse1 = prefix_attention_lse(query, prefix_k, prefix_v, prefix_mask, scale, tree_attn_backend)
+            if partial is not None:
+                partial.refresh(layer_index(module), query, prefix_k, prefix_v)
         out, lse = merge_attention_states(o1, lse1, out, lse)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, q, H, D]
 

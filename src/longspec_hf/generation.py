@@ -11,7 +11,8 @@ One loop serves every drafter and every tree shape (a chain is a tree of width 1
 Losslessness: step 3 computes every emitted token from the target's logits at exactly the prefix plain decoding would
 use, with transformers' own logits processors, so greedy output is token-identical and sampled output has the same
 distribution (each token is drawn from the target's processed distribution; draft tokens are deterministic children,
-never accepted by a ratio test).
+never accepted by a ratio test). The one exception is SpecPV partial verification (opt-in, approximate; see
+``specpv.py``), where step 2 reads only part of the target's KV in most rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import kv_bytes
 from .drafting import Drafter
+from .specpv import PartialVerifier, SpecPVConfig
 from .tree import validate_tree_shape
 from .verify import TargetState, accept_path, compact, verify_tree
 
@@ -41,6 +43,7 @@ class SpeculativeStats:
         acceptance_lengths: accepted draft tokens per round.
         draft_cache_bytes: the most bytes the draft's own cache held during the call (constant for a sink+window
             cache, whatever the context length).
+        full_verifications / partial_verifications: rounds of each kind under SpecPV (all rounds are full without).
     """
 
     rounds: int = 0
@@ -49,6 +52,8 @@ class SpeculativeStats:
     new_tokens: int = 0
     acceptance_lengths: list[int] = field(default_factory=list)
     draft_cache_bytes: int = 0
+    full_verifications: int = 0
+    partial_verifications: int = 0
 
     @property
     def tau(self) -> float:
@@ -178,6 +183,8 @@ def speculative_generate(
     drafter.bind(target)
     tree_shape = validate_tree_shape(getattr(drafter.generation_config, "tree_shape", None) or [1])
     attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
+    specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
+    partial = None if specpv is None else PartialVerifier(specpv)
     select = token_selector(generation_config)
     stats = SpeculativeStats()
     drafter.stats = stats
@@ -218,7 +225,7 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(sequences[0][:, -1:].cpu())
     if len(active) < batch:
-        keep_rows(state, drafter, draft_state, active, list(range(batch)))
+        keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
 
     while active:
         roots = torch.tensor([int(sequences[b][0, -1]) for b in active], device=input_ids.device)
@@ -226,8 +233,11 @@ def speculative_generate(
         # 3. draft a tree per row, no deeper than the tokens any row may still produce
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
         tree = drafter.draft(draft_state, roots, root_positions, state, tree_shape[: max(room, 0)])
-        # 4. verify every row's tree in one target forward
-        logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
+        # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
+        if partial is None:
+            logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
+        else:
+            logits = partial.verify(target, state, tree, attn_backend, verify_tree)
         # 5. each row accepts the deepest path the target agrees with, plus its bonus token
         children, node_tokens = tree.children(), tree.tokens.tolist()
         paths, new_tokens = [], []
@@ -239,6 +249,12 @@ def speculative_generate(
         committed = tree.tokens.gather(1, torch.tensor([[0] + p + [0] * (new_valid.shape[1] - 1 - len(p))
                                                         for p in paths], device=tree.tokens.device))
         drafter.commit(draft_state, committed, new_valid, root_positions)
+        if partial is not None:
+            partial.record(committed)
+            stats.full_verifications += partial.last_round_full
+            stats.partial_verifications += not partial.last_round_full
+        else:
+            stats.full_verifications += 1
         stats.draft_cache_bytes = max(stats.draft_cache_bytes, kv_bytes(draft_state.cache))
         # 6. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
         still_active = []
@@ -254,7 +270,7 @@ def speculative_generate(
         stats.accepted_tokens += sum(len(p) for p in paths)
         stats.acceptance_lengths.extend(len(p) for p in paths)
         if len(still_active) < len(active):
-            keep_rows(state, drafter, draft_state, still_active, active)
+            keep_rows(state, drafter, draft_state, still_active, active, partial)
         active = still_active
 
     if streamer is not None:
@@ -272,9 +288,12 @@ def speculative_generate(
     return GenerateDecoderOnlyOutput(sequences=output, past_key_values=past)
 
 
-def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int]) -> None:
+def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int],
+              partial: PartialVerifier | None = None) -> None:
     """Drop finished rows from the target and draft state, so they cost no more compute."""
     rows = torch.tensor([current.index(b) for b in keep], device=state.next_positions.device, dtype=torch.long)
     if rows.numel():
         state.select_rows(rows)
         drafter.select_rows(draft_state, rows)
+        if partial is not None:
+            partial.select_rows(rows)

@@ -80,38 +80,69 @@ class TargetState:
         self.next_positions = self.next_positions[rows]
 
 
+def window_hidden(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """`[B, q, S]` bool: keys outside a sliding window. Same rule as transformers' sliding layers: key j is visible to
+    query i when pos_j > pos_i - window."""
+    return key_positions[:, None, :] <= (query_positions[:, :, None] - window)
+
+
 def verification_mask(
-    state: TargetState, tree: DraftTree, dtype: torch.dtype, window: int | None
+    state: TargetState, tree: DraftTree, dtype: torch.dtype, window: int | None, refeed=None
 ) -> torch.Tensor:
-    """Additive mask `[B, 1, T, S + T]`: valid committed slots (within `window`, if any) plus ancestors and self."""
+    """Additive mask `[B, 1, p + T, S + p + T]` over the committed slots, the `p` re-fed tokens (SpecPV's pending
+    tokens, causal among themselves; `p = 0` without `refeed`) and the tree (ancestors and self).
+
+    Committed slots are visible where valid (and within `window`, if any); the tree sees the valid re-fed tokens.
+    """
     batch, size = tree.tokens.shape
     slots = state.slot_positions.shape[1]
-    prefix = torch.zeros(batch, size, slots, dtype=dtype, device=tree.tokens.device)  # [B, T, S]
+    query_pos = state.next_positions[:, None] + tree.depths[None]  # [B, T]
+    if refeed is not None:
+        query_pos = torch.cat([refeed.positions, query_pos], dim=-1)  # [B, p + T]
+    prefix = torch.zeros(batch, query_pos.shape[1], slots, dtype=dtype, device=tree.tokens.device)  # [B, q, S]
     hidden = None if state.valid is None else ~state.valid[:, None, :]
-    if window is not None and slots and int(state.next_positions.max()) + len(tree) >= window:
-        query_pos = state.next_positions[:, None] + tree.depths[None]  # [B, T]
-        # Same rule as transformers' sliding layers: key j is visible to query i when pos_j > pos_i - window.
-        outside = state.slot_positions[:, None, :] <= (query_pos[:, :, None] - window)
+    if window is not None and slots and int(query_pos.max()) + 1 >= window:
+        outside = window_hidden(state.slot_positions, query_pos, window)
         hidden = outside if hidden is None else hidden | outside
     if hidden is not None:
         prefix.masked_fill_(hidden, torch.finfo(dtype).min)
-    return torch.cat([prefix, tree_attention_bias(tree.ancestors, dtype)], dim=-1)[:, None]
+    tree_part = tree_attention_bias(tree.ancestors, dtype)  # [B, T, T]
+    if refeed is None:
+        return torch.cat([prefix, tree_part], dim=-1)[:, None]
+    p = refeed.tokens.shape[1]
+    device = tree.tokens.device
+    valid = refeed.valid if refeed.valid is not None else torch.ones(batch, p, dtype=torch.bool, device=device)
+    eye = torch.eye(p, dtype=torch.bool, device=device)
+    sees = valid[:, None, :] & torch.ones(p + size, p, dtype=torch.bool, device=device).tril()[None]  # [B, p+T, p]
+    sees[:, :p] |= eye  # a placeholder still sees itself, so no row is empty
+    if window is not None:
+        sees &= ~window_hidden(refeed.positions, query_pos, window) | torch.cat([eye, eye.new_zeros(size, p)])[None]
+    below_tree = torch.full((batch, p, size), torch.finfo(dtype).min, dtype=dtype, device=device)
+    fed = torch.cat([tree_attention_bias(sees, dtype), torch.cat([below_tree, tree_part], dim=1)], dim=-1)
+    return torch.cat([prefix, fed], dim=-1)[:, None]  # [B, 1, p + T, S + p + T]
 
 
-def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, attn_backend: str = "auto"):
+def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, attn_backend: str = "auto",
+                refeed=None, tree_partial=None):
     """One target forward over every row's tree; returns fp32 logits `[B, T, V]` (row i predicts node i's child).
 
-    The trees' KV are appended to the cache; :func:`compact` keeps the accepted paths afterwards.
+    The trees' KV are appended to the cache; :func:`compact` keeps the accepted paths afterwards. With SpecPV,
+    `refeed` (:class:`~longspec_hf.specpv.Refeed`) puts committed tokens before the tree in the same forward, and
+    `tree_partial` (:class:`~longspec_hf.specpv.PartialKV`) tells the attention function what to read.
     """
     types, window = layer_attention_types(target.config)
     dtype = target.dtype
-    masks = {t: verification_mask(state, tree, dtype, window if t == SLIDING else None) for t in types}
+    masks = {t: verification_mask(state, tree, dtype, window if t == SLIDING else None, refeed) for t in types}
     # Models with one layer type take a tensor; hybrid ones (e.g. Qwen2 with sliding layers) take a dict by type.
     attention_mask = masks.popitem()[1] if len(masks) == 1 else masks
+    tokens = tree.tokens
     position_ids = state.next_positions[:, None] + tree.depths[None]  # [B, T]
+    if refeed is not None:
+        tokens = torch.cat([refeed.tokens, tokens], dim=-1)
+        position_ids = torch.cat([refeed.positions, position_ids], dim=-1)
     with attention_implementation(target, HYBRID_ATTENTION_NAME):
         out = target(
-            input_ids=tree.tokens,
+            input_ids=tokens,
             position_ids=position_ids,
             attention_mask=attention_mask,
             past_key_values=state.cache,
@@ -120,8 +151,10 @@ def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, at
             tree_prefix_len=state.cache.get_seq_length(),
             tree_prefix_masked=state.valid is not None,
             tree_attn_backend=attn_backend,
+            tree_partial=tree_partial,
         )
-    return out.logits.float()
+    logits = out.logits
+    return (logits if refeed is None else logits[:, refeed.tokens.shape[1]:]).float()
 
 
 def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
