@@ -50,19 +50,20 @@ def result(corpus, draft):
     target = tiny_target("llama")
     workloads = [Workload("code", str(corpus), "completion"), Workload("docs", str(corpus), "summarization")]
     settings = BenchSettings(contexts=[32, 96], max_new_tokens=8, prompts_per_context=2)
-    return run_bench(target, word_tokenizer(), default_methods(target, draft, TREES), workloads, settings,
-                     progress=False)
+    methods = default_methods(target, draft, TREES, self_draft_tree=[1, 1], self_draft_window=16, specpv_budgets=[16])
+    return run_bench(target, word_tokenizer(), methods, workloads, settings, progress=False)
 
 
 def test_schema_and_environment(result):
     assert result["schema"] == SCHEMA
     assert {"torch", "transformers", "device", "dtype", "threads", "longspec_hf"} <= set(result["environment"])
     assert [m["name"] for m in result["methods"]] == ["autoregressive", "prompt_lookup", "early_exit",
-                                                     "longspec_chain", "longspec_tree"]
+                                                     "longspec_chain", "longspec_tree", "self_draft",
+                                                     "longspec_chain_pv16"]
     assert result["skipped"] == []
-    assert len(result["runs"]) == 2 * 2 * 2 * 5  # workloads x contexts x prompts x methods
+    assert len(result["runs"]) == 2 * 2 * 2 * 7  # workloads x contexts x prompts x methods
     row_keys = {"workload", "context", "method", "tau", "tokens_per_second", "speedup_decode", "speedup_end_to_end",
-                "peak_memory_bytes", "draft_cache_bytes", "target_kv_bytes", "identical", "prompts"}
+                "peak_memory_bytes", "draft_cache_bytes", "target_kv_bytes", "identical", "agreement", "prompts"}
     for row in result["summary"]:
         assert row_keys <= set(row)
         assert row["prompts"] == 2
@@ -76,7 +77,7 @@ def test_baseline_is_exactly_one_and_every_method_is_lossless(result):
             assert row["speedup_decode"] == {"median": 1.0, "min": 1.0, "max": 1.0}
             assert row["speedup_end_to_end"]["median"] == 1.0
             assert row["tau"] == 1.0  # one token per target forward
-        assert row["identical"], row["method"]
+        assert row["identical"] and row["agreement"] == 1.0, row["method"]
     for run in result["runs"]:
         assert run["new_tokens"] == 8 and run["prompt_tokens"] == run["context"]
 
@@ -104,6 +105,7 @@ def test_a_broken_method_is_caught(corpus):
                        BenchSettings([32], 6, 2, warmup=False), progress=False)
     rows = {r["method"]: r for r in result["summary"]}
     assert rows["autoregressive"]["identical"] and not rows["broken"]["identical"]
+    assert rows["broken"]["agreement"] == 5 / 6  # the last of 6 tokens is wrong in every prompt
     assert "| broken |" in markdown_table(result) and "| NO |" in markdown_table(result)
 
 

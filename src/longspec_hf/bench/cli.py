@@ -28,6 +28,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", type=parse_tree, action="append", default=None, metavar="NAME=W1,W2,...",
                         help="a LongSpec method per tree shape (repeatable; default longspec_chain=1,1,1 and "
                              "longspec_tree=4,16,16,16,16)")
+    parser.add_argument("--self-draft-tree", default="1,1,1,1",
+                        help="tree of the training-free self-speculative draft (W1,W2,...), or 'none' to skip it")
+    parser.add_argument("--self-draft-window", type=int, default=512)
+    parser.add_argument("--specpv-budgets", type=int, nargs="+", default=[], metavar="TOKENS",
+                        help="add the first LongSpec tree (or the self-draft) with SpecPV partial verification "
+                             "retrieving this many tokens per layer and KV head (approximate; see 'agree %%')")
     parser.add_argument("--early-exit-layer", type=int, default=None)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -54,7 +60,9 @@ def bench_cli(args: argparse.Namespace) -> dict:
         draft.bind(target)
         draft.generation_config.tree_attn_backend = args.attn_backend
     trees = dict(args.tree) if args.tree else None
-    methods = default_methods(target, draft, trees, args.early_exit_layer, args.prompt_lookup_tokens)
+    self_tree = None if args.self_draft_tree.lower() == "none" else parse_tree(f"x={args.self_draft_tree}")[1]
+    methods = default_methods(target, draft, trees, args.early_exit_layer, args.prompt_lookup_tokens, self_tree,
+                              args.self_draft_window, args.specpv_budgets, args.attn_backend)
     if args.methods:
         unknown = set(args.methods) - {m.name for m in methods}
         if unknown:

@@ -2,7 +2,8 @@
 building a :class:`Method` and passing it to :func:`~longspec_hf.bench.run_bench`.
 
 Built in: plain ``generate()`` (the autoregressive baseline every speed-up is measured against), transformers'
-prompt-lookup decoding and early-exit (LayerSkip-style) assisted decoding, and LongSpec with any tree shape.
+prompt-lookup decoding and early-exit (LayerSkip-style) assisted decoding, LongSpec with any tree shape, the
+training-free self-speculative draft, and either of those with SpecPV partial verification.
 """
 
 from __future__ import annotations
@@ -95,28 +96,71 @@ def early_exit(target, layer: int | None = None) -> Method:
                   settings={"assistant_early_exit": layer})
 
 
-def longspec(draft, tree_shape: list[int] | None, name: str = "longspec") -> Method:
-    """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
-    if draft is None:
-        return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
+def speculative(draft, tree_shape: list[int] | None, name: str, specpv: dict | None = None) -> Method:
+    """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own) and,
+    optionally, SpecPV partial verification settings (approximate: its `identical` column may say no)."""
     shape = list(tree_shape) if tree_shape else list(draft.generation_config.tree_shape)
 
     def generate(target, input_ids, cache, max_new_tokens):
-        saved = draft.generation_config.tree_shape
-        draft.generation_config.tree_shape = shape
+        config = draft.generation_config
+        saved = config.tree_shape, getattr(config, "specpv", None)
+        config.tree_shape, config.specpv = shape, specpv
         try:
             out = greedy(target, input_ids, max_new_tokens, assistant_model=draft, past_key_values=cache)
         finally:
-            draft.generation_config.tree_shape = saved
+            config.tree_shape, config.specpv = saved
         return MethodOutput(out, draft_cache_bytes=draft.stats.draft_cache_bytes)
 
-    return Method(name, generate, settings={"tree_shape": shape})
+    settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {})}
+    return Method(name, generate, settings=settings)
+
+
+def longspec(draft, tree_shape: list[int] | None, name: str = "longspec", specpv: dict | None = None) -> Method:
+    """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
+    if draft is None:
+        return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
+    return speculative(draft, tree_shape, name, specpv)
+
+
+def self_draft(target, tree_shape: list[int] | None = None, sink_size: int = 4, window_size: int = 512,
+               name: str = "self_draft", specpv: dict | None = None, attn_backend: str = "auto") -> Method:
+    """The training-free self-speculative draft (the target over a sink + window view of its KV cache)."""
+    from ..self_draft import SelfDraft
+
+    try:
+        draft = SelfDraft.from_target(target, sink_size=sink_size, window_size=window_size)
+    except ValueError as err:
+        return Method(name, None, skip_reason=str(err))
+    draft.generation_config.tree_attn_backend = attn_backend
+    method = speculative(draft, tree_shape, name, specpv)
+    method.settings.update(sink_size=draft.sink_size, window_size=draft.window_size)
+    return method
+
+
+def specpv_settings(budget_tokens: int, block_size: int = 16) -> dict:
+    """SpecPV settings retrieving `budget_tokens` per layer and KV head (other settings: the paper's defaults)."""
+    return {"block_size": block_size, "retrieval_blocks": max(budget_tokens // block_size, 0)}
 
 
 def default_methods(target, draft=None, trees: dict[str, list[int]] | None = None, early_exit_layer: int | None = None,
-                    prompt_lookup_tokens: int = 10) -> list[Method]:
-    """The baseline, transformers' prompt lookup and early exit, and LongSpec per tree shape (name -> shape)."""
+                    prompt_lookup_tokens: int = 10, self_draft_tree: list[int] | None = (1, 1, 1, 1),
+                    self_draft_window: int = 512, specpv_budgets: list[int] = (),
+                    attn_backend: str = "auto") -> list[Method]:
+    """The baseline, transformers' prompt lookup and early exit, LongSpec per tree shape (name -> shape), the
+    self-speculative draft (unless `self_draft_tree` is None), and per SpecPV budget (tokens) the first LongSpec
+    tree with partial verification (the self-draft's when there is no LongSpec draft)."""
     trees = trees if trees is not None else {"longspec_chain": [1, 1, 1], "longspec_tree": [4, 16, 16, 16, 16]}
     methods = [autoregressive(), prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
     methods += [longspec(draft, shape, name) for name, shape in trees.items()]
+    if self_draft_tree is not None:
+        methods.append(self_draft(target, list(self_draft_tree), window_size=self_draft_window,
+                                  attn_backend=attn_backend))
+    for budget in specpv_budgets:
+        if draft is not None and trees:
+            name, shape = next(iter(trees.items()))
+            methods.append(longspec(draft, shape, f"{name}_pv{budget}", specpv_settings(budget)))
+        else:
+            methods.append(self_draft(target, list(self_draft_tree or (1, 1, 1, 1)), window_size=self_draft_window,
+                                      name=f"self_draft_pv{budget}", specpv=specpv_settings(budget),
+                                      attn_backend=attn_backend))
     return methods

@@ -19,8 +19,8 @@ def markdown_table(result: dict) -> str:
         "prompts per cell; speed-ups are medians over prompts [min-max], against the baseline in the same run.",
         "",
         "| workload | context | method | tau | tokens/s | speed-up (decode) | speed-up (end-to-end) | peak MiB "
-        "| draft KV MiB | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| draft KV MiB | identical | agree % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["summary"]:
         s, e = row["speedup_decode"], row["speedup_end_to_end"]
@@ -28,7 +28,7 @@ def markdown_table(result: dict) -> str:
             f"| {row['workload']} | {row['context']} | {row['method']} | {row['tau']:.2f} "
             f"| {row['tokens_per_second']['median']:.1f} | {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] "
             f"| {e['median']:.2f} | {mib(row['peak_memory_bytes'])} | {mib(row['draft_cache_bytes'])} "
-            f"| {'yes' if row['identical'] else 'NO'} |"
+            f"| {'yes' if row['identical'] else 'NO'} | {100 * row.get('agreement', 1.0):.0f} |"
         )
     for skip in result["skipped"]:
         lines.append(f"\nSkipped {skip['method']}: {skip['reason']}.")

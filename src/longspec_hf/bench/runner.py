@@ -130,6 +130,7 @@ def run_bench(target, tokenizer, methods: list[Method], workloads: list, setting
                         "prompt_tokens": int(input_ids.shape[1]), "prefill_seconds": prefill_seconds,
                         "target_kv_bytes": kv_bytes(prompt_cache),
                         "identical": run["tokens"] == reference["tokens"],
+                        "agreement": agreement(run["tokens"], reference["tokens"]),
                         "speedup_decode": reference["decode_seconds"] / run["decode_seconds"],
                         "speedup_end_to_end": reference["end_to_end_seconds"] / run["end_to_end_seconds"],
                     })
@@ -145,6 +146,11 @@ def run_bench(target, tokenizer, methods: list[Method], workloads: list, setting
         "runs": runs,
         "summary": summarize(runs),
     }
+
+
+def agreement(tokens: list[int], reference: list[int]) -> float:
+    """Fraction of positions where a method's greedy tokens equal the baseline's (1.0 for lossless methods)."""
+    return sum(a == b for a, b in zip(tokens, reference, strict=False)) / max(1, len(reference))
 
 
 def spread(values: list[float]) -> dict:
@@ -171,6 +177,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "draft_cache_bytes": max(draft_bytes) if draft_bytes else None,
             "target_kv_bytes": max(r["target_kv_bytes"] for r in group),
             "identical": all(r["identical"] for r in group),
+            "agreement": statistics.mean(r["agreement"] for r in group),
             "decode_timing": group[0]["decode_timing"],
         })
     return rows
