@@ -23,7 +23,7 @@ from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_che
 from longspec_hf.cli import main as cli
 
 CORE_MODULES = {"attention", "cache", "cards", "checkpoints", "configuration", "drafting", "generation", "hook",
-                "hub", "modeling", "tree", "verify"}
+                "hub", "modeling", "specpv", "tree", "verify"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:
@@ -306,3 +306,14 @@ def test_custom_generate_folder_matches_assistant_model_without_the_package(tmp_
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["tokens"] == expected.tolist()
     assert not result["package_imported"] and 0 < result["rounds"] < 20
+
+
+def test_the_shipped_smollm2_draft_loads_verified_with_its_card():
+    folder = Path(__file__).resolve().parents[1] / "drafts" / "smollm2-135m-instruct"
+    draft = LongSpecDraftModel.from_pretrained(folder)  # digest checked against config.json
+    config = draft.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (576, 9, 3)
+    assert config.target_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and config.weights_sha256
+    assert draft.generation_config.tree_shape == [1, 1, 1]
+    meta = ModelCard.load(folder / "README.md").data
+    assert meta.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta.library_name == "longspec-hf"
