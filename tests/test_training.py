@@ -109,6 +109,11 @@ def test_resume_gives_the_same_parameters(workspace, tmp_path):
     resumed = train(config(workspace, tmp_path / "cut", grad_accum=2, resume=True), progress=False)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    # The loss log: the interrupted run's steps 5-8 are replaced by the resumed run's, which match the full run's.
+    log = {run: [json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+           for run in ("full", "cut")}
+    assert [r["step"] for r in log["cut"]] == list(range(1, 9))
+    assert [r["loss"] for r in log["cut"]] == [r["loss"] for r in log["full"]]
 
 
 def test_cli_end_to_end(workspace, tmp_path):

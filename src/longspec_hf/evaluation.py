@@ -64,7 +64,7 @@ def markdown_table(rows: list[dict]) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="target model id or folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
-    parser.add_argument("--draft", required=True, help="draft folder or id (save_pretrained layout)")
+    parser.add_argument("--draft", required=True, help="draft folder or id, or 'self' for the training-free self-speculative draft")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE",
                         help="held-out text per domain, e.g. code=python-stdlib:heldout (repeatable)")
@@ -75,12 +75,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_cli(args: argparse.Namespace) -> None:
-    from .loading import load_causal_lm
-    from .modeling import LongSpecDraftModel
+    from .loading import load_causal_lm, load_draft
 
     target, tokenizer = load_causal_lm(args.target, args.gguf_file)
-    draft = LongSpecDraftModel.from_pretrained(args.draft)
-    draft.bind(target)
+    draft = load_draft(args.draft, target)
     if args.tree_shape:
         draft.generation_config.tree_shape = args.tree_shape
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS

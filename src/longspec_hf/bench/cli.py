@@ -48,16 +48,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_cli(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..loading import load_causal_lm
-    from ..modeling import LongSpecDraftModel
+    from ..loading import load_causal_lm, load_draft
     from . import BenchSettings, default_methods, parse_workload, run_bench, write_outputs
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target, tokenizer = load_causal_lm(args.target, args.gguf_file, args.dtype, device, args.target_attn)
     draft = None
     if args.draft:
-        draft = LongSpecDraftModel.from_pretrained(args.draft).to(device=device, dtype=target.dtype)
-        draft.bind(target)
+        draft = load_draft(args.draft, target)
         draft.generation_config.tree_attn_backend = args.attn_backend
     trees = dict(args.tree) if args.tree else None
     self_tree = None if args.self_draft_tree.lower() == "none" else parse_tree(f"x={args.self_draft_tree}")[1]

@@ -147,6 +147,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         state = LongSpecDraftModel.from_pretrained(checkpoint).state_dict()
         accelerator.unwrap_model(draft_model).load_state_dict(state)
         start = load_training_state(checkpoint, optimizer, scheduler)["step"]
+    if accelerator.is_main_process:
+        trim_log(out, start)
 
     bar = tqdm(total=config.max_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
                desc="train draft")
@@ -173,7 +175,11 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
                 optimizer.zero_grad()
             tokens += ids.numel() * accelerator.num_processes
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        tokens_per_s = tokens / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
+        if accelerator.is_main_process:
+            log_step(out, {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": round(tokens_per_s, 1)})
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
             save_checkpoint(accelerator, draft_model, optimizer, scheduler, out / f"checkpoint-{step + 1}", step + 1,
                             config)
@@ -183,6 +189,20 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         final.save_pretrained(out)
         (out / "training_args.json").write_text(json.dumps(asdict(config), indent=2))
     return final
+
+
+def log_step(out: Path, record: dict) -> None:
+    """Append one optimizer step to `<output_dir>/train_log.jsonl` (the loss curve; a resumed run appends)."""
+    with open(out / "train_log.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def trim_log(out: Path, step: int) -> None:
+    """Drop logged steps after `step`: an interrupted run logged steps that the resumed run will redo."""
+    log = out / "train_log.jsonl"
+    if log.exists():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
 
 
 def save_checkpoint(accelerator, draft_model, optimizer, scheduler, folder: Path, step: int, config) -> None:
