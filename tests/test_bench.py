@@ -80,6 +80,10 @@ def test_baseline_is_exactly_one_and_every_method_is_lossless(result):
         assert row["identical"] and row["agreement"] == 1.0, row["method"]
     for run in result["runs"]:
         assert run["new_tokens"] == 8 and run["prompt_tokens"] == run["context"]
+        # A draft can only add tokens per target forward (the self-draft's own passes through the target's layers
+        # are not target forwards), and decode time is never a sliver of the call (no absurd speed-ups).
+        assert run["target_forwards"] <= run["new_tokens"], run["method"]
+        assert run["decode_seconds"] >= 0.1 * run["end_to_end_seconds"] - run["prefill_seconds"], run["method"]
 
 
 def test_draft_cache_is_constant_while_the_target_cache_grows(result):

@@ -64,7 +64,8 @@ def markdown_table(rows: list[dict]) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="target model id or folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
-    parser.add_argument("--draft", required=True, help="draft folder or id, or 'self' for the training-free self-speculative draft")
+    parser.add_argument("--draft", required=True,
+                        help="draft folder or id, or 'self' for the training-free self-speculative draft")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE",
                         help="held-out text per domain, e.g. code=python-stdlib:heldout (repeatable)")

@@ -9,6 +9,9 @@ from .methods import (
     early_exit,
     longspec,
     prompt_lookup,
+    self_draft,
+    specpv_settings,
+    speculative,
 )
 from .report import markdown_table, plot, write_outputs
 from .runner import SCHEMA, BenchSettings, run_bench, summarize
@@ -17,5 +20,6 @@ from .workloads import LONGBENCH_TEMPLATES, Workload, offline_workloads, parse_w
 __all__ = [
     "BASELINE", "LONGBENCH_TEMPLATES", "SCHEMA", "BenchSettings", "Method", "MethodOutput", "Workload",
     "autoregressive", "default_methods", "early_exit", "longspec", "markdown_table", "offline_workloads",
-    "parse_workload", "plot", "prompt_lookup", "run_bench", "summarize", "write_outputs",
+    "parse_workload", "plot", "prompt_lookup", "run_bench", "self_draft", "specpv_settings", "speculative",
+    "summarize", "write_outputs",
 ]

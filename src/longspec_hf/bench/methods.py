@@ -24,6 +24,7 @@ class MethodOutput:
 
     sequences: torch.LongTensor
     draft_cache_bytes: int | None = None
+    target_forwards: int | None = None  # None: counted by a hook on the target's last decoder layer
 
 
 @dataclass
@@ -109,7 +110,9 @@ def speculative(draft, tree_shape: list[int] | None, name: str, specpv: dict | N
             out = greedy(target, input_ids, max_new_tokens, assistant_model=draft, past_key_values=cache)
         finally:
             config.tree_shape, config.specpv = saved
-        return MethodOutput(out, draft_cache_bytes=draft.stats.draft_cache_bytes)
+        # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
+        stats = draft.stats
+        return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1)
 
     settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {})}
     return Method(name, generate, settings=settings)

@@ -39,10 +39,8 @@ def plot(result: dict, folder: Path) -> list[Path]:
     """speedup.png (decode speed-up vs context, one panel per workload) and draft_cache.png (draft KV bytes vs
     context, with the target's own KV for scale). Needs matplotlib; without it, no plots and a warning."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # Figure objects, not pyplot: a library must not switch the caller's backend (a notebook's inline plots).
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("matplotlib is not installed, so no plots were written: pip install 'longspec-hf[bench]'",
                       stacklevel=2)
@@ -52,7 +50,8 @@ def plot(result: dict, folder: Path) -> list[Path]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     paths = []
 
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(workloads), 4))
+    axes = fig.subplots(1, len(workloads), squeeze=False)
     for ax, workload in zip(axes[0], workloads, strict=False):
         for method in methods:
             points = sorted((r["context"], r["speedup_decode"]["median"]) for r in rows
@@ -64,9 +63,9 @@ def plot(result: dict, folder: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(folder / "speedup.png")
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     target_kv = sorted({(r["context"], r["target_kv_bytes"]) for r in rows})
     ax.plot([c for c, _ in target_kv], [b / 2**20 for _, b in target_kv], "k--", label="target KV cache")
     for method in methods:
@@ -79,7 +78,6 @@ def plot(result: dict, folder: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(folder / "draft_cache.png")
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
     return paths
 
 
