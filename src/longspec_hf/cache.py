@@ -1,4 +1,13 @@
-"""Constant-size *sink + window* KV cache for the draft.
+"""KV caches of the speculative loop: the target's preallocated cache and the draft's constant-size *sink + window* one.
+
+**Target** (:class:`PreallocatedCache`): transformers' `DynamicCache` concatenates every new token onto the whole KV
+of every layer (`torch.cat`: O(context) bytes copied per forward), and `StaticCache` attends over its full
+preallocated length under a mask, which keeps SDPA off its fast unmasked kernels. A speculative round appends a tree,
+keeps its accepted path and drops the rest, so it needs neither: :class:`PreallocatedLayer` writes new KV by index
+into a buffer reserved for the whole generation and hands attention a view of the filled prefix only. Compaction moves
+accepted slots in place and cropping just shortens the view: no O(context) work per round outside attention.
+
+**Draft** (:class:`SinkWindowCache`):
 
 The draft's self-attention only ever needs the first ``sink_size`` tokens (attention sinks) and the most recent
 ``window_size`` tokens, so everything in between is evicted and the draft's memory does not grow with the context.
@@ -17,8 +26,126 @@ forward needs, then trims what it stores back to ``sink + window``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer whose keys/values live in a buffer `[B, Hkv, capacity, D]` written by index.
+
+    ``keys`` / ``values`` are views of the first ``length`` slots, so everything that reads a `DynamicLayer` (model
+    forwards, masks, the draft's cross-attention, compaction by index) works unchanged, and writes through those views
+    land in the buffer. The buffer grows geometrically when a generation outlives its reservation (rare: the loop
+    reserves prompt + new tokens + one tree), so appends cost O(new tokens), amortised.
+    """
+
+    def __init__(self, reserve: int = 0, **kwargs):
+        self.reserve = reserve
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self.length = 0
+        super().__init__(**kwargs)
+
+    # Assigning keys/values (transformers' own layer methods do) replaces the buffer by the given tensor.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._key_buffer is None else self._key_buffer[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._key_buffer = value
+        self.length = 0 if value is None or value.dim() < 3 else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._value_buffer is None else self._value_buffer[:, :, : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._value_buffer = value
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._key_buffer is None or self._key_buffer.dim() < 3 else self._key_buffer.shape[-2]
+
+    def _reserve(self, like: torch.Tensor, slots: int) -> None:
+        """Make room for `slots` slots in total, keeping the filled ones."""
+        if slots <= self.capacity:
+            return
+        # Geometric growth keeps appends amortised O(new tokens); 1.25x rather than 2x because at long context a
+        # doubled buffer is gigabytes of idle memory.
+        capacity = max(slots, self.capacity * 5 // 4, self.reserve)
+        b, h, _, d = like.shape
+        keys = like.new_empty(b, h, capacity, d)  # [B, Hkv, capacity, D]
+        values = like.new_empty(b, h, capacity, d)
+        if self.length:
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
+        length = self.length
+        self._key_buffer, self._value_buffer, self.length = keys, values, length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+        start, end = self.length, self.length + key_states.shape[-2]
+        self._reserve(key_states, end)
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self.length = end
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` slots (a negative count, as transformers' `crop`); O(1)."""
+        if tokens_to_remove > 0:
+            raise ValueError("PreallocatedLayer.crop takes a negative number of tokens to remove.")
+        self.length = max(self.length + tokens_to_remove, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._key_buffer is not None and self._key_buffer.dim() == 4:
+            length = self.length
+            self._key_buffer = self._key_buffer[indices]
+            self._value_buffer = self._value_buffer[indices]
+            self.length = length
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        self.length = 0
+        self.is_initialized = False
+
+
+class PreallocatedCache(DynamicCache):
+    """The target's cache in the speculative loop: a `DynamicCache` of :class:`PreallocatedLayer` s, each reserving
+    ``reserve`` slots at its first update. Full-attention layers only (the tree mask applies sliding windows)."""
+
+    def __init__(self, reserve: int = 0):
+        Cache.__init__(self, layer_class_to_replicate=functools.partial(PreallocatedLayer, reserve=reserve))
+
+    @classmethod
+    def from_dynamic(cls, cache: DynamicCache, reserve: int = 0) -> PreallocatedCache:
+        """A copy of a filled `DynamicCache` (a caller's prompt cache) with room for ``reserve`` slots per layer."""
+        out = cls(reserve)
+        for layer in cache.layers:
+            new = PreallocatedLayer(reserve=reserve)
+            if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                new.update(layer.keys, layer.values)
+            out.layers.append(new)
+        return out
+
+    def write_to(self, cache: DynamicCache) -> DynamicCache:
+        """Leave the filled KV in a plain `DynamicCache` (views, no copy), as plain decoding leaves its cache."""
+        for i, layer in enumerate(self.layers):
+            if i == len(cache.layers):
+                cache.layers.append(DynamicLayer())
+            target = cache.layers[i]
+            if not target.is_initialized and layer.is_initialized:
+                target.lazy_initialization(layer.keys, layer.values)
+            target.keys, target.values = layer.keys, layer.values
+        return cache
 
 
 def sink_window_slots(valid: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import kv_bytes
+from .cache import PreallocatedCache, kv_bytes
+from .compat import cache_kwarg, decoder_output, prompt_cache
 from .drafting import Drafter
 from .specpv import PartialVerifier, SpecPVConfig
+from .timing import RoundTimer
 from .tree import validate_tree_shape
-from .verify import TargetState, accept_path, compact, verify_tree
+from .verify import TargetState, accept_greedy, accept_path, compact, verify_tree
 
 
 @dataclass
@@ -44,6 +45,8 @@ class SpeculativeStats:
         draft_cache_bytes: the most bytes the draft's own cache held during the call (constant for a sink+window
             cache, whatever the context length).
         full_verifications / partial_verifications: rounds of each kind under SpecPV (all rounds are full without).
+        timings: seconds per part of the rounds ("draft", "verify", "accept", "commit"), summed over the call; only
+            filled when ``draft.generation_config.profile_rounds`` is True (timing synchronises the device).
     """
 
     rounds: int = 0
@@ -54,6 +57,7 @@ class SpeculativeStats:
     draft_cache_bytes: int = 0
     full_verifications: int = 0
     partial_verifications: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def tau(self) -> float:
@@ -99,7 +103,7 @@ def validate_inputs(
         )
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError("Streamers support batch size 1 only; generate one prompt at a time to stream.")
-    cache = model_kwargs.get("past_key_values")
+    cache = prompt_cache(model_kwargs)
     if cache is not None and cache.get_seq_length() > 0:
         check_prompt_cache(cache, input_ids, mask)
     for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
@@ -115,7 +119,7 @@ def check_prompt_cache(cache, input_ids: torch.LongTensor, mask: torch.Tensor | 
     if mask is not None:
         raise ValueError("A filled past_key_values cannot be continued for left-padded rows with a LongSpec draft; "
                          "pass the full padded prompts without a cache.")
-    if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not is_plain_dynamic(cache):
         raise ValueError("A filled past_key_values must be a plain DynamicCache() (full layers, built without a "
                          "config) to be continued with a LongSpec draft: rejected tree tokens are cropped from it.")
     cached = cache.get_seq_length()
@@ -186,24 +190,27 @@ def speculative_generate(
     specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     partial = None if specpv is None else PartialVerifier(specpv)
     select = token_selector(generation_config)
+    # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
+    vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
     stats = SpeculativeStats()
     drafter.stats = stats
+    timer = RoundTimer(target.device, stats.timings if getattr(drafter.generation_config, "profile_rounds", False)
+                       else None)
     max_length = generation_config.max_length
     batch, n = input_ids.shape
 
     # 1. prefill: the target reads the prompts with its own attention (only the tokens a given prompt cache lacks),
-    #    the draft fills its constant-size cache
-    cache = model_kwargs.get("past_key_values")
-    if cache is None or cache.get_seq_length() == 0:
-        cache = DynamicCache()  # full layers, so any rejected tree tail can be cropped
-    cached = cache.get_seq_length()
+    #    into a cache preallocated for the whole generation; the draft fills its constant-size cache
+    user_cache = prompt_cache(model_kwargs)
+    cached = 0 if user_cache is None else user_cache.get_seq_length()
+    cache = target_cache(target, user_cache if cached else None, max_length, tree_shape)
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
     else:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = target(
         input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=position_ids[:, cached:],
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
+        use_cache=True, logits_to_keep=1, **{cache_kwarg(target): cache},
     ).logits[:, -1].float()  # [B, V]
     state = TargetState(
         cache=cache,
@@ -228,27 +235,39 @@ def speculative_generate(
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
 
     while active:
-        roots = torch.tensor([int(sequences[b][0, -1]) for b in active], device=input_ids.device)
+        last_tokens = [int(sequences[b][0, -1]) for b in active]
+        roots = torch.tensor(last_tokens, device=input_ids.device)
         root_positions = state.next_positions
         # 3. draft a tree per row, no deeper than the tokens any row may still produce
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
-        tree = drafter.draft(draft_state, roots, root_positions, state, tree_shape[: max(room, 0)])
+        with timer("draft"):
+            tree = drafter.draft(draft_state, roots, root_positions, state, tree_shape[: max(room, 0)])
         # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
-        if partial is None:
-            logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
-        else:
-            logits = partial.verify(target, state, tree, attn_backend, verify_tree)
+        with timer("verify"):
+            if partial is None:
+                logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
+            else:
+                logits = partial.verify(target, state, tree, attn_backend, verify_tree)
         # 5. each row accepts the deepest path the target agrees with, plus its bonus token
-        children, node_tokens = tree.children(), tree.tokens.tolist()
-        paths, new_tokens = [], []
-        for i, b in enumerate(active):
-            path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b], logits_processor, select)
-            paths.append(path)
-            new_tokens.append(tokens)
-        new_valid = compact(state, paths)
-        committed = tree.tokens.gather(1, torch.tensor([[0] + p + [0] * (new_valid.shape[1] - 1 - len(p))
-                                                        for p in paths], device=tree.tokens.device))
-        drafter.commit(draft_state, committed, new_valid, root_positions)
+        with timer("accept"):
+            if vectorised_acceptance:
+                paths, new_tokens = accept_greedy(tree, logits)
+            else:
+                children, node_tokens = tree.children(), tree.tokens.tolist()
+                paths, new_tokens = [], []
+                for i, b in enumerate(active):
+                    path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b],
+                                               logits_processor, select)
+                    paths.append(path)
+                    new_tokens.append(tokens)
+        with timer("commit"):
+            new_valid = compact(state, paths)
+            # The committed tokens of a row: its root and the accepted tokens (the bonus is the next root).
+            width = new_valid.shape[1]
+            committed = torch.tensor([[root, *tokens[:-1]] + [0] * (width - len(tokens))
+                                      for root, tokens in zip(last_tokens, new_tokens, strict=True)],
+                                     device=input_ids.device)  # [A, 1 + max_k]
+            drafter.commit(draft_state, committed, new_valid, root_positions)
         if partial is not None:
             partial.record(committed)
             stats.full_verifications += partial.last_round_full
@@ -280,12 +299,28 @@ def speculative_generate(
         return output
     past = None
     if batch == 1 and state.valid is None:
-        # Leave the cache as plain decoding does: KV for every token but the last.
+        # Leave the cache as plain decoding does: KV for every token but the last, in the caller's cache if any.
         overshoot = cache.get_seq_length() - (output.shape[1] - 1)
         if overshoot > 0:
             cache.crop(-overshoot)
-        past = cache
-    return GenerateDecoderOnlyOutput(sequences=output, past_key_values=past)
+        past = cache.write_to(user_cache if is_plain_dynamic(user_cache) else DynamicCache())
+    return decoder_output(output, past)
+
+
+def is_plain_dynamic(cache) -> bool:
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def target_cache(target: PreTrainedModel, prompt: DynamicCache | None, max_length: int,
+                 tree_shape: tuple[int, ...]) -> PreallocatedCache:
+    """The target's cache for the loop, with room for the whole generation plus one tree (and a caller's prompt
+    cache copied in). The reservation is capped at the target's positions, so an unbounded `max_length` does not
+    reserve memory the target could never use."""
+    max_positions = getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    reserve = min(max_length, max_positions or max_length) + 1 + sum(tree_shape)
+    if prompt is None:
+        return PreallocatedCache(reserve)
+    return PreallocatedCache.from_dynamic(prompt, reserve)
 
 
 def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int],

@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from .cache import SinkWindowCache, gather_slots, sink_window_slots
+from .compat import cache_kwarg
 from .drafting import Drafter, DraftState
 from .tree import DraftTree, build_beam_tree, tree_attention_bias
 from .verify import SLIDING, layer_attention_types
@@ -95,8 +96,8 @@ class SelfDraft(Drafter):
             prefix = committed_bias.expand(-1, tokens.shape[1], -1)  # [B, m, C]
             bias = torch.cat([prefix, tree_bias], dim=-1)[:, None].to(dtype)  # [B, 1, m, C + n]
             mask = bias if len(types) == 1 else {t: bias for t in types}
-            out = self.target(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                              use_cache=True)
+            out = self.target(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                              **{cache_kwarg(self.target): cache})
             return out.logits.float()
 
         return build_beam_tree(step, root_tokens, root_positions, tree_shape)

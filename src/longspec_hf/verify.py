@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from .attention import HYBRID_ATTENTION_NAME
+from .compat import cache_kwarg
 from .tree import DraftTree, tree_attention_bias
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -145,13 +146,13 @@ def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, at
             input_ids=tokens,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=0,
             tree_prefix_len=state.cache.get_seq_length(),
             tree_prefix_masked=state.valid is not None,
             tree_attn_backend=attn_backend,
             tree_partial=tree_partial,
+            **{cache_kwarg(target): state.cache},
         )
     logits = out.logits
     return (logits if refeed is None else logits[:, refeed.tokens.shape[1]:]).float()
@@ -161,7 +162,8 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
     """Keep, in every row, the root and its accepted `path` (tree indices) after the committed slots.
 
     Every row keeps `1 + max(len(path))` new slots; the unused ones of shorter rows become invalid. Accepted
-    nodes are moved down in place and the tail is cropped — no Cache API does this.
+    nodes are moved down in place and the tail is cropped — no Cache API does this. Only the moved slots are
+    touched (a preallocated cache crops in O(1)), so the cost does not grow with the context.
 
     Returns:
         `[B, 1 + max_k]` bool, which of the new slots are valid.
@@ -170,10 +172,13 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
     prefix_len = state.slot_positions.shape[1]
     total = cache.get_seq_length()
     device = state.next_positions.device
-    longest = max(len(p) for p in paths)
-    lengths = torch.tensor([len(p) for p in paths], device=device)
+    host_lengths = [len(p) for p in paths]
+    longest = max(host_lengths)
+    lengths = torch.tensor(host_lengths, device=device)
     new_valid = torch.arange(1 + longest, device=device)[None] <= lengths[:, None]  # [B, 1 + max_k]
-    if longest:
+    # A path that is already in place (a chain accepted from its first node on) needs no move.
+    in_place = all(p == list(range(1, len(p) + 1)) for p in paths)
+    if longest and not in_place:
         src = torch.tensor([p + [0] * (longest - len(p)) for p in paths], device=device) + prefix_len  # [B, max_k]
         dst = slice(prefix_len + 1, prefix_len + 1 + longest)
         for layer in cache.layers:
@@ -183,13 +188,48 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
             layer.values[:, :, dst] = layer.values.gather(2, index)
     if total > prefix_len + 1 + longest:
         cache.crop(-(total - prefix_len - 1 - longest))
-    if state.valid is not None or not bool(new_valid.all()):
+    if state.valid is not None or min(host_lengths) < longest:
         old = state.valid if state.valid is not None else new_valid.new_ones(len(paths), prefix_len)
         state.valid = torch.cat([old, new_valid], dim=-1)
     new_positions = state.next_positions[:, None] + torch.arange(1 + longest, device=device)[None]
     state.slot_positions = torch.cat([state.slot_positions, new_positions], dim=-1)
     state.next_positions = state.next_positions + 1 + lengths
     return new_valid
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """The acceptance walk of :func:`accept_path` for greedy decoding without logits processors, for every row at
+    once on the device, with one host transfer.
+
+    A node is accepted when its token is the target's argmax at its parent and its parent is accepted; the walk ends
+    at the deepest accepted node, whose argmax is the bonus token. Siblings carry distinct tokens, so at most one
+    node per depth is accepted and that node is the walk's.
+
+    Args:
+        tree: the round's trees (`tokens/parents [B, T]`, `ancestors [B, T, T]`, `depths [T]`).
+        logits: `[B, T, V]` target logits at each node.
+
+    Returns:
+        `(paths, tokens)` per row, as :func:`accept_path`.
+    """
+    predicted = logits.argmax(-1)  # [B, T]: the target's next token after each node
+    at_parent = predicted.gather(1, tree.parents.clamp(min=0))  # [B, T]
+    matches = tree.tokens == at_parent
+    matches[:, 0] = True  # the root is committed
+    accepted = ~(tree.ancestors & ~matches[:, None, :]).any(-1)  # [B, T]: the node and all its ancestors match
+    depth = torch.where(accepted, tree.depths[None], -1)
+    deepest = depth.argmax(-1, keepdim=True)  # [B, 1]
+    on_path = tree.ancestors.gather(1, deepest[..., None].expand(-1, 1, len(tree))).squeeze(1)  # [B, T]
+    bonus = predicted.gather(1, deepest)  # [B, 1]
+    # Host side: path node ids in creation order (= depth order), then tokens; one transfer for the batch.
+    host = torch.cat([on_path.long(), tree.tokens, bonus], dim=-1).tolist()
+    size = len(tree)
+    paths, tokens = [], []
+    for row in host:
+        path = [i for i in range(1, size) if row[i]]
+        paths.append(path)
+        tokens.append([row[size + i] for i in path] + [row[-1]])
+    return paths, tokens
 
 
 TokenSelector = Callable[[torch.Tensor], int]

@@ -1,0 +1,40 @@
+"""Per-part timing of speculative rounds (opt-in: ``draft.generation_config.profile_rounds = True``).
+
+Timing a part of a GPU round needs a device synchronisation before and after it, which itself slows the round, so it
+is off by default; ``longspec cost`` turns it on to split a round into its parts.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+PARTS = ("draft", "verify", "accept", "commit")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RoundTimer:
+    """Accumulates wall seconds per part of a round into `totals` (a dict shared with the caller's stats)."""
+
+    def __init__(self, device: torch.device, totals: dict[str, float] | None):
+        self.device = device
+        self.totals = totals
+
+    @contextmanager
+    def __call__(self, part: str):
+        if self.totals is None:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.totals[part] = self.totals.get(part, 0.0) + time.perf_counter() - start
