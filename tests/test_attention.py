@@ -1,4 +1,9 @@
-"""Hybrid tree attention equals dense masked attention (fp32, <= 1e-5) on every CPU backend, MHA and GQA."""
+"""Hybrid tree attention equals dense masked attention (fp32, <= 1e-5) on every CPU backend, MHA and GQA.
+
+The CUDA prefix kernels stack the query heads of each KV head on the query axis; that layout (queries, masks, LSEs)
+is checked on CPU, and so is the CUDA path's logic, with CPU stand-ins for the kernels that enforce their calling
+contract. The real kernels are compared with plain attention in the tests marked for CUDA.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,12 @@ from longspec_hf.attention import (
     available_backends,
     hybrid_tree_attention,
     merge_attention_states,
+    prefix_attention_lse,
     register_hybrid_attention,
+    stack_mask,
+    stack_query_heads,
+    torch_attention_lse,
+    unstack_heads,
 )
 
 NEG = torch.finfo(torch.float32).min
@@ -270,3 +280,390 @@ def test_inside_a_llama_forward(monkeypatch):
     assert model.config._attn_implementation == previous
     assert prefix_calls == [(1, 4, 6, 16)] * 2  # the hybrid path ran in both layers, with P = 20 from the kwargs
     torch.testing.assert_close(logits[HYBRID_ATTENTION_NAME], logits["sdpa"], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------- query heads stacked per KV head (CUDA layout)
+
+HALF = (torch.float16, torch.bfloat16)
+MASK_KINDS = [None, "shared", "batch1", "per_head", "per_head_rows"]
+
+
+def gqa_reference(query, key, value, mask, scale=SCALE):
+    """Independent reference: KV heads repeated, fp32 softmax; `(out [B, H, q, D], lse [B, H, q])`."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.float().repeat_interleave(g, 1), value.float().repeat_interleave(g, 1)
+    scores = query.float() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    return scores.softmax(-1) @ v, scores.logsumexp(-1)
+
+
+def cache_views(b, hkv, s, d, generator, dtype=torch.float32, device="cpu"):
+    """K/V as the filled part of preallocated caches `[B, Hkv, capacity, D]`: strided views, not contiguous."""
+    capacity = s + 29
+    k, v = (torch.randn(b, hkv, capacity, d, generator=generator).to(device, dtype)[:, :, :s] for _ in range(2))
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    return k, v
+
+
+def hf_query(b, h, q_len, d, generator, dtype=torch.float32, device="cpu"):
+    """A query laid out as attention layers make it: `[B, q, H, D]` in memory, seen as `[B, H, q, D]`."""
+    return torch.randn(b, q_len, h, d, generator=generator).to(device, dtype).transpose(1, 2)
+
+
+def prefix_mask(kind, b, h, q_len, s, generator):
+    """Additive prefix masks in the shapes callers pass; every row keeps its last key visible.
+
+    "shared" `[B, 1, q, S]` (padding / window; the last batch row left-padded), "batch1" `[1, 1, q, S]`,
+    "per_head" `[B, H, 1, S]` (SpecPV's per-KV-head validity), "per_head_rows" `[B, H, q, S]`.
+    """
+    if kind is None:
+        return None
+    shape = {"shared": (b, 1, q_len, s), "batch1": (1, 1, q_len, s), "per_head": (b, h, 1, s),
+             "per_head_rows": (b, h, q_len, s)}[kind]
+    mask = torch.zeros(shape).masked_fill_(torch.rand(shape, generator=generator) < 0.3, -torch.inf)
+    if kind == "shared":
+        mask[-1, ..., : s // 3] = -torch.inf
+    mask[..., -1] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 69])
+@pytest.mark.parametrize("g", [1, 4])
+def test_stack_query_heads_layout(g, q_len):
+    """Head kv * g + j, query i <-> KV head kv, row j * q + i; unstacking inverts it for outputs and LSEs."""
+    b, hkv = 2, 3
+    query = torch.randn(b, hkv * g, q_len, D)
+    stacked = stack_query_heads(query, hkv)
+    assert stacked.shape == (b, hkv, g * q_len, D)
+    lse = torch.randn(b, hkv, g * q_len)
+    unstacked_lse = unstack_heads(lse, hkv * g)
+    for kv in range(hkv):
+        for j in range(g):
+            rows = slice(j * q_len, (j + 1) * q_len)
+            assert torch.equal(stacked[:, kv, rows], query[:, kv * g + j])
+            assert torch.equal(unstacked_lse[:, kv * g + j], lse[:, kv, rows])
+    assert torch.equal(unstack_heads(stacked, hkv * g), query)
+    transposed = query.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, q, H, D] in memory
+    assert torch.equal(stack_query_heads(transposed, hkv), stacked)
+    with pytest.raises(ValueError, match="multiple"):
+        stack_query_heads(torch.randn(1, 6, 2, D), 4)
+
+
+@pytest.mark.parametrize("s", [5, 16, 37])
+@pytest.mark.parametrize("kind", MASK_KINDS[1:])
+@pytest.mark.parametrize("g", [1, 4])
+def test_stack_mask_layout(g, kind, s):
+    """Rows match the stacked queries, heads stay broadcast where the mask is shared, rows start 16-aligned."""
+    b, hkv, q_len = 2, 2, 3
+    h = hkv * g
+    mask = prefix_mask(kind, b, h, q_len, s, torch.Generator().manual_seed(s))
+    stacked = stack_mask(mask, h, hkv, q_len, torch.bfloat16)
+    assert stacked.dtype == torch.bfloat16
+    assert stacked.shape == (mask.shape[0], 1 if mask.shape[1] == 1 else hkv, g * q_len, s)
+    assert stacked.stride(-1) == 1 and all(stride % 16 == 0 for stride in stacked.stride()[:-1])
+    assert stacked.data_ptr() % 16 == 0
+    full = unstack_heads(stacked.expand(b, hkv, g * q_len, s), h)  # [B, H, q, S]
+    assert torch.equal(full, mask.to(torch.bfloat16).expand(b, h, q_len, s))
+    with pytest.raises(ValueError, match="broadcast"):
+        stack_mask(torch.zeros(1, 3, q_len, s), h * 2, hkv, q_len, torch.float32)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("q_len", [1, 4, 69])
+@pytest.mark.parametrize("g", [1, 4])
+def test_stacked_heads_as_mha_equal_gqa(g, q_len, kind):
+    """A fused op run as plain MHA over the KV heads, on stacked queries and masks and strided KV views, is GQA."""
+    b, hkv, s = 2, 2, 53
+    h = hkv * g
+    gen = torch.Generator().manual_seed(100 * g + q_len)
+    query = hf_query(b, h, q_len, D, gen)
+    key, value = cache_views(b, hkv, s, D, gen)
+    mask = prefix_mask(kind, b, h, q_len, s, gen)
+    bias = None if mask is None else stack_mask(mask, h, hkv, q_len, torch.float32).expand(b, hkv, g * q_len, s)
+    cpu_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = cpu_op(stack_query_heads(query, hkv), key, value, 0.0, False, attn_mask=bias, scale=SCALE)[:2]
+    out, lse = unstack_heads(out, h), unstack_heads(lse, h)
+    expected_out, expected_lse = gqa_reference(query, key, value, mask)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+    plain_out, plain_lse = torch_attention_lse(query, key, value, mask, SCALE)
+    torch.testing.assert_close(plain_out, expected_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain_lse, expected_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", [None, "shared", "per_head"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_attention_reads_strided_cache_views(backend, kind):
+    gen = torch.Generator().manual_seed(21)
+    query = hf_query(2, 8, 5, D, gen)
+    key, value = cache_views(2, 2, 41, D, gen)
+    mask = prefix_mask(kind, 2, 8, 5, 41, gen)
+    out, lse = prefix_attention_lse(query, key, value, mask, SCALE, backend)
+    expected_out, expected_lse = gqa_reference(query, key, value, mask)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+
+
+class FakeCudaKernels:
+    """CPU stand-ins for torch's CUDA flash / efficient ops: same calls and returns, quirks included, and they check
+    the contract the CUDA path must keep: no GQA left (query heads stacked), the caller's K/V views handed over as they
+    are (no copy), a bias of the full `[B, Hkv, M, S]` shape in the query's dtype with aligned rows."""
+
+    def __init__(self, key, value, flash_fails=False, efficient_fails=False):
+        self.key, self.value = key, value
+        self.flash_fails, self.efficient_fails = flash_fails, efficient_fails
+        self.calls = []
+
+    def _check(self, q, k, v):
+        assert k is self.key and v is self.value
+        assert q.shape[1] == k.shape[1] and q.shape[0] == k.shape[0] and q.dtype == k.dtype
+
+    @staticmethod
+    def _attention(q, k, v, bias, scale):
+        scores = q.float() @ k.float().transpose(-1, -2) * scale
+        if bias is not None:
+            scores = scores + bias.float()
+        return scores.softmax(-1) @ v.float(), scores.logsumexp(-1)  # NaN / -inf on fully masked rows
+
+    def flash(self, q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+        self.calls.append("flash")
+        assert q.dtype in HALF and (dropout_p, is_causal, return_debug_mask) == (0.0, False, False)
+        self._check(q, k, v)
+        if self.flash_fails:
+            raise RuntimeError("FlashAttention forward only supports head dimension at most 256")
+        out, lse = self._attention(q, k, v, None, scale)
+        return out.to(q.dtype), lse, None, None, 0, 0, None, None, None
+
+    def efficient(self, q, k, v, bias, compute_log_sumexp, dropout_p, is_causal, *, scale):
+        self.calls.append("efficient")
+        assert compute_log_sumexp and dropout_p == 0.0 and not is_causal
+        self._check(q, k, v)
+        if bias is not None:
+            assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and bias.dtype == q.dtype
+            assert bias.stride(-1) == 1 and all(stride % 16 == 0 for stride in bias.stride()[:-1])
+        if self.efficient_fails:
+            raise RuntimeError("key is not correctly aligned (strideM)")
+        out, lse = self._attention(q, k, v, bias, scale)
+        lse = lse.masked_fill(lse.isneginf(), 0.0)  # the kernel's report for a row with no visible key
+        rounded = -(-q.shape[2] // 32) * 32  # lse comes padded to a multiple of 32 rows
+        lse = torch.cat([lse, lse.new_full((*lse.shape[:2], rounded - q.shape[2]), 123.0)], dim=-1)
+        return out.to(q.dtype), lse, None, None
+
+
+def install_fakes(monkeypatch, key, value, **fails):
+    fakes = FakeCudaKernels(key, value, **fails)
+    monkeypatch.setattr(attention, "_cuda_flash_op", lambda: fakes.flash)
+    monkeypatch.setattr(attention, "_cuda_efficient_op", lambda: fakes.efficient)
+    return fakes
+
+
+@pytest.mark.parametrize("kind", [None, "shared", "batch1", "per_head"])
+@pytest.mark.parametrize("q_len", [1, 4, 69])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_path_logic_with_stand_in_kernels(monkeypatch, dtype, g, q_len, kind):
+    """Flash op for fp16/bf16 without a mask, efficient op otherwise; both equal plain attention."""
+    b, hkv, s = 2, 2, 45
+    h = hkv * g
+    gen = torch.Generator().manual_seed(7 * g + q_len)
+    query = hf_query(b, h, q_len, D, gen, dtype)
+    key, value = cache_views(b, hkv, s, D, gen, dtype)
+    mask = prefix_mask(kind, b, h, q_len, s, gen)
+    fakes = install_fakes(monkeypatch, key, value)
+    out, lse = attention._cuda_sdpa_lse(query, key, value, mask, SCALE)
+    assert fakes.calls == ["flash" if mask is None and dtype in HALF else "efficient"]
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == query.shape and lse.shape == (b, h, q_len)
+    expected_out, expected_lse = torch_attention_lse(query, key, value, mask, SCALE)
+    torch.testing.assert_close(out, expected_out, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,fill", [(torch.float32, -torch.inf), (torch.bfloat16, -torch.inf),
+                                        (torch.float16, NEG)], ids=["fp32", "bf16", "fp16_overflow"])
+def test_cuda_path_reports_empty_rows_as_neg_inf(monkeypatch, dtype, fill):
+    """A row with no visible prefix key gets lse = -inf, also when a finite fill only overflows in the query dtype."""
+    gen = torch.Generator().manual_seed(8)
+    query = hf_query(2, 8, 3, D, gen, dtype)
+    key, value = cache_views(2, 2, 20, D, gen, dtype)
+    mask = torch.zeros(2, 1, 3, 20)
+    mask[1, :, 1] = fill
+    install_fakes(monkeypatch, key, value)
+    out, lse = attention._cuda_sdpa_lse(query, key, value, mask, SCALE)
+    assert torch.isneginf(lse[1, :, 1]).all() and torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, :, 0]).all()
+    tree_out, tree_lse = torch.randn(2, 8, 3, D, generator=gen), torch.randn(2, 8, 3, generator=gen)
+    merged, _ = merge_attention_states(out, lse, tree_out, tree_lse)
+    assert not merged.isnan().any()
+    torch.testing.assert_close(merged[1, :, 1], tree_out[1, :, 1])
+    expected, _ = merge_attention_states(*torch_attention_lse(query, key, value, mask.to(dtype), SCALE),
+                                         tree_out, tree_lse)
+    torch.testing.assert_close(merged, expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+def test_cuda_path_falls_through_when_kernels_refuse(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    query = hf_query(1, 4, 2, D, gen, torch.bfloat16)
+    key, value = cache_views(1, 2, 10, D, gen, torch.bfloat16)
+    fakes = install_fakes(monkeypatch, key, value, flash_fails=True)
+    out, lse = attention._cuda_sdpa_lse(query, key, value, None, SCALE)
+    assert fakes.calls == ["flash", "efficient"]
+    torch.testing.assert_close(lse, torch_attention_lse(query, key, value, None, SCALE)[1], atol=1e-5, rtol=0)
+    fakes = install_fakes(monkeypatch, key, value, flash_fails=True, efficient_fails=True)
+    assert attention._cuda_sdpa_lse(query, key, value, None, SCALE) is None
+    assert fakes.calls == ["flash", "efficient"]
+    fakes = install_fakes(monkeypatch, key, value)
+    assert attention._cuda_sdpa_lse(query, key[:, :, :0], value[:, :, :0], None, SCALE) is None
+    assert fakes.calls == []  # zero keys never reach a kernel
+
+
+# ------------------------------------------------------------------------------------ the real kernels (CUDA only)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+OUT_ATOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+LSE_ATOL = 2e-3
+CUDA_D = 128
+
+
+def skip_unsupported(dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+
+
+def cuda_case(b, hkv, g, q_len, s, dtype, kind, seed, d=CUDA_D):
+    """Query `[B, H, q, D]` (`[B, q, H, D]` in memory), K/V strided views of larger caches, a prefix mask; on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+    query = hf_query(b, hkv * g, q_len, d, gen, dtype, "cuda")
+    key, value = cache_views(b, hkv, s, d, gen, dtype, "cuda")
+    mask = prefix_mask(kind, b, hkv * g, q_len, s, gen)
+    return query, key, value, None if mask is None else mask.to("cuda", dtype)
+
+
+def assert_close_to_plain(result, query, key, value, mask, dtype, scale=CUDA_D ** -0.5):
+    assert result is not None, "the kernel refused inputs it should serve"
+    out, lse = result
+    expected_out, expected_lse = torch_attention_lse(query, key, value, mask, scale)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, expected_out, atol=OUT_ATOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=LSE_ATOL, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("q_len", [1, 4, 69])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_cuda_flash_op_stacked(dtype, g, q_len):
+    skip_unsupported(dtype)
+    query, key, value, _ = cuda_case(2, 2, g, q_len, 1000, dtype, None, seed=g * 100 + q_len)
+    result = attention._cuda_flash_lse(query, key, value, CUDA_D ** -0.5)
+    assert_close_to_plain(result, query, key, value, None, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", [None, "shared", "batch1", "per_head"])
+@pytest.mark.parametrize("q_len", [1, 4, 69])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16", "fp32"])
+def test_cuda_efficient_op_stacked(dtype, g, q_len, kind):
+    skip_unsupported(dtype)
+    query, key, value, mask = cuda_case(2, 2, g, q_len, 1003, dtype, kind, seed=g * 100 + q_len)
+    result = attention._cuda_efficient_lse(query, key, value, mask, CUDA_D ** -0.5)
+    assert_close_to_plain(result, query, key, value, mask, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", [None, "shared", "per_head"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16", "fp32"])
+def test_cuda_sdpa_lse_never_falls_back_to_plain_attention(monkeypatch, dtype, kind):
+    """Through `prefix_attention_lse`, every dtype and mask is served by a fused kernel, GQA and strided KV included."""
+    skip_unsupported(dtype)
+    query, key, value, mask = cuda_case(2, 2, 4, 5, 777, dtype, kind, seed=31)
+    expected = torch_attention_lse(query, key, value, mask, CUDA_D ** -0.5)
+
+    def refuse(*args):
+        raise AssertionError("fell through to plain attention")
+
+    monkeypatch.setattr(attention, "torch_attention_lse", refuse)
+    out, lse = prefix_attention_lse(query, key, value, mask, CUDA_D ** -0.5, "sdpa_lse")
+    torch.testing.assert_close(out, expected[0], atol=OUT_ATOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, expected[1], atol=LSE_ATOL, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,fill", [(torch.float32, -torch.inf), (torch.bfloat16, -torch.inf),
+                                        (torch.float16, NEG)], ids=["fp32", "bf16", "fp16_overflow"])
+def test_cuda_empty_prefix_rows_have_neg_inf_lse(dtype, fill):
+    skip_unsupported(dtype)
+    query, key, value, _ = cuda_case(2, 2, 4, 3, 100, dtype, None, seed=41)
+    mask = torch.zeros(2, 1, 3, 100, device="cuda")
+    mask[1, :, 1] = fill
+    result = attention._cuda_efficient_lse(query, key, value, mask.to(dtype) if fill == -torch.inf else mask,
+                                           CUDA_D ** -0.5)
+    assert result is not None
+    out, lse = result
+    assert torch.isneginf(lse[1, :, 1]).all()
+    keep = torch.ones(2, 8, 3, dtype=torch.bool, device="cuda")
+    keep[1, :, 1] = False
+    expected_out, expected_lse = torch_attention_lse(query, key, value, mask, CUDA_D ** -0.5)
+    torch.testing.assert_close(out[keep], expected_out[keep], atol=OUT_ATOL[dtype], rtol=0)
+    torch.testing.assert_close(lse[keep], expected_lse[keep], atol=LSE_ATOL, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("masked", [False, True], ids=["flash", "efficient"])
+def test_cuda_fast_paths_do_not_copy_the_kv(masked):
+    """Peak extra memory stays far below one copy of the keys (a repeat or a `.contiguous()` would show)."""
+    query, key, value, mask = cuda_case(1, 2, 4, 4, 32768, torch.float16, "shared" if masked else None, seed=51)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = attention._cuda_sdpa_lse(query, key, value, mask, CUDA_D ** -0.5)
+    torch.cuda.synchronize()
+    assert result is not None
+    assert torch.cuda.max_memory_allocated() - base < key.numel() * key.element_size() // 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [12, 320])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16", "fp32"])
+def test_cuda_head_dims_the_kernels_refuse_fall_through(dtype, d):
+    skip_unsupported(dtype)
+    query, key, value, mask = cuda_case(1, 2, 2, 3, 64, dtype, "shared", seed=61, d=d)
+    for m in (None, mask):
+        out, lse = prefix_attention_lse(query, key, value, m, d ** -0.5, "auto")
+        expected_out, expected_lse = torch_attention_lse(query, key, value, m, d ** -0.5)
+        torch.testing.assert_close(out, expected_out, atol=OUT_ATOL[dtype], rtol=0)
+        torch.testing.assert_close(lse, expected_lse, atol=LSE_ATOL, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("backend", sorted(set(available_backends("cuda")) | {"auto"}))
+def test_cuda_hybrid_matches_dense(backend, dtype, padded):
+    """The whole verification attention on CUDA, K/V being views of a larger cache, equals dense attention."""
+    skip_unsupported(dtype)
+    p, q_len = 300, 7
+    q, k, v, mask = make_case(2, 8, 2, p, q_len, padded=padded, seed=71)
+    k_cache, v_cache = (torch.zeros(2, 2, p + q_len + 50, D, dtype=dtype, device="cuda") for _ in range(2))
+    k_cache[:, :, : p + q_len], v_cache[:, :, : p + q_len] = k, v
+    cuda = [t.to("cuda", dtype) for t in (q, mask)]
+    out, _ = hybrid_tree_attention(None, cuda[0], k_cache[:, :, : p + q_len], v_cache[:, :, : p + q_len], cuda[1],
+                                   scaling=SCALE, tree_prefix_len=p, tree_prefix_masked=padded,
+                                   tree_attn_backend=backend)
+    assert out.dtype == dtype and out.shape == (2, q_len, 8, D) and not out.isnan().any()
+    rounded = [t.to(dtype).float() for t in (q, k, v, mask)]  # the reference sees the same rounded inputs
+    torch.testing.assert_close(out.float().cpu(), dense_reference(*rounded), atol=OUT_ATOL[dtype], rtol=0)
+
+
+@needs_cuda
+def test_cuda_flash_attn_package_errors_fall_through(monkeypatch):
+    """A flash-attn call that raises (unsupported head dim, GPU) falls through to torch's kernels, installed or not."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(attention, "_flash_attn_func", lambda required=False: broken)
+    query, key, value, _ = cuda_case(1, 2, 4, 3, 200, torch.float16, None, seed=81)
+    for backend in ("auto", "flash_attn"):
+        result = prefix_attention_lse(query, key, value, None, CUDA_D ** -0.5, backend)
+        assert_close_to_plain(result, query, key, value, None, torch.float16)

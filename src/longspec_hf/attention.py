@@ -20,6 +20,16 @@ The prefix keeps a mask only when one is genuinely needed: padding / placeholder
 Prefix backends (``tree_attn_backend``): ``"flash_attn"`` (flash-attn package; CUDA, fp16/bf16, no mask),
 ``"sdpa_lse"`` (torch's LSE-returning fused SDPA ops), ``"torch"`` (plain fp32 matmul) and ``"auto"`` (the first of
 those that serves the inputs). Unavailable or unsuitable backends fall through to the next one, down to ``"torch"``.
+
+``"sdpa_lse"`` per device:
+
+- CPU: ``_scaled_dot_product_flash_attention_for_cpu``, GQA native, float mask.
+- CUDA: the torch kernels have no GQA, and copying the KV heads reads and writes the whole prefix again (measured
+  12-19x slower than the right kernel on long prefixes). Instead the ``g`` query heads that share a KV head are
+  stacked on the query axis, ``[B, H, q, D] -> [B, Hkv, g*q, D]``, which turns GQA into plain multi-head attention
+  over the KV heads as they are. fp16/bf16 without a prefix mask: the flash op; with a mask, or fp32: the efficient
+  op, with the mask stacked the same way. The keys/values are never copied, so they may be strided views of a larger
+  preallocated cache (last dimension contiguous); a kernel that refuses the inputs falls through.
 """
 
 from __future__ import annotations
@@ -72,6 +82,49 @@ def fully_masked_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.isneginf(mask).all(dim=-1).expand(shape)
 
 
+def stack_query_heads(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`[B, H, q, D]` -> `[B, Hkv, g*q, D]`: the g query heads of each KV head stacked on the query axis.
+
+    Head h = kv * g + j (transformers' `repeat_kv` order) and its query i land on row j * q + i of KV head kv, so GQA
+    becomes multi-head attention over the KV heads as they are. Only the (small) query may be copied, when its layout
+    does not allow a view.
+    """
+    b, h, n, d = query.shape
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads are not a multiple of {kv_heads} key/value heads.")
+    return query.reshape(b, kv_heads, h // kv_heads * n, d)
+
+
+def unstack_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of :func:`stack_query_heads`: `[B, Hkv, g*q, *rest]` -> `[B, H, q, *rest]` (outputs and LSEs)."""
+    b, kv_heads, rows = x.shape[:3]
+    return x.reshape(b, heads, rows * kv_heads // heads, *x.shape[3:])
+
+
+_BIAS_ALIGN = 16  # elements; the efficient kernel refuses bias rows that do not start on aligned addresses
+
+
+def stack_mask(mask: torch.Tensor, heads: int, kv_heads: int, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `[B|1, 1|H, q|1, S]` -> `[B|1, 1|Hkv, g*q, S]` in `dtype`, rows as :func:`stack_query_heads` lays out.
+
+    Row j * q + i of KV head kv is query i of head kv * g + j. A mask shared by all heads stays shared across the KV
+    heads (one `[g*q, S]` block per batch row, to be broadcast), so it costs g*q rows rather than H*q. Every row starts
+    on a 16-element boundary, as the efficient kernel needs of a bias; the padding is never read.
+    """
+    mb, mh, _, s = mask.shape
+    groups = heads // kv_heads
+    if mh == 1:
+        rows = mask.expand(mb, 1, q_len, s).unsqueeze(2).expand(mb, 1, groups, q_len, s)  # [B|1, 1, g, q, S]
+    elif mh == heads:
+        rows = mask.expand(mb, heads, q_len, s).unflatten(1, (kv_heads, groups))  # [B|1, Hkv, g, q, S]
+    else:
+        raise ValueError(f"A mask over {mh} heads does not broadcast to {heads} query heads.")
+    padded = -(-s // _BIAS_ALIGN) * _BIAS_ALIGN
+    bias = torch.empty(*rows.shape[:2], groups * q_len, padded, dtype=dtype, device=mask.device)[..., :s]
+    bias.unflatten(2, (groups, q_len)).copy_(rows)  # allocated 4D so that even a one-row bias has an aligned row stride
+    return bias  # [B|1, 1|Hkv, g*q, S]
+
+
 # -------------------------------------------------------------------------------------------------------- backends
 
 
@@ -86,7 +139,7 @@ def torch_attention_lse(
     b, h, n, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = kv_groups(query, key)
-    q = query.float().reshape(b, hkv, g * n, d)  # [B, Hkv, g*q, D]; head h = kv * g + j
+    q = stack_query_heads(query.float(), hkv)  # [B, Hkv, g*q, D]
     scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scale)  # [B, Hkv, g*q, S]
     if mask is not None:
         scores = scores.view(b, hkv, g, n, s)  # [B, Hkv, g, q, S]
@@ -97,7 +150,7 @@ def torch_attention_lse(
     # A fully masked row has lse = -inf; shifting by 0 there keeps its weights at 0 instead of NaN.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
     out = torch.matmul(probs, value.float())  # [B, Hkv, g*q, D]
-    return out.view(b, h, n, d), lse.view(b, h, n)
+    return unstack_heads(out, h), unstack_heads(lse, h)
 
 
 @functools.cache
@@ -106,7 +159,12 @@ def _cpu_lse_op() -> Callable | None:
 
 
 @functools.cache
-def _cuda_lse_op() -> Callable | None:
+def _cuda_flash_op() -> Callable | None:
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+
+
+@functools.cache
+def _cuda_efficient_op() -> Callable | None:
     return getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 
 
@@ -125,27 +183,55 @@ def _cpu_sdpa_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.T
     return out.float(), lse
 
 
-def _cuda_sdpa_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
-    op = _cuda_lse_op()
+def _cuda_flash_lse(query, key, value, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's flash op over stacked query heads (fp16/bf16, no mask); `None` where the kernel refuses the inputs."""
+    op = _cuda_flash_op()
+    if op is None or query.dtype not in _HALF:
+        return None
+    heads, kv_heads = query.shape[1], key.shape[1]
+    stacked = stack_query_heads(query, kv_heads)  # [B, Hkv, g*q, D]
+    try:
+        # The kernel reads K/V through their strides (last dim contiguous), so cache views go in as they are.
+        out, lse = op(stacked, key, value, 0.0, False, False, scale=scale)[:2]  # [B, Hkv, g*q, D], [B, Hkv, g*q]
+    except RuntimeError:  # head dims / dtypes / GPUs the kernel does not serve
+        return None
+    return unstack_heads(out.float(), heads), unstack_heads(lse[..., : stacked.shape[2]].float(), heads)
+
+
+def _cuda_efficient_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's efficient op over stacked query heads, with a stacked mask (any float dtype); `None` if refused."""
+    op = _cuda_efficient_op()
     if op is None:
         return None
-    b, h, n, _ = query.shape
-    s = key.shape[2]
-    key, value = repeat_kv_heads(key, h), repeat_kv_heads(value, h)  # the kernel has no GQA
-    bias = None
+    b, heads, n, _ = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    stacked = stack_query_heads(query, kv_heads)  # [B, Hkv, g*q, D]
+    rows = stacked.shape[2]
+    bias = empty = None
     if mask is not None:
-        # The kernel wants a full [B, H, q, S] bias whose rows start on 16-element boundaries (SDPA pads it likewise).
-        padded = -(-s // 16) * 16
-        bias = torch.empty(b, h, n, padded, dtype=query.dtype, device=query.device)[..., :s]
-        bias.copy_(mask.expand(b, h, n, s))
+        bias = stack_mask(mask, heads, kv_heads, n, query.dtype)  # [B|1, 1|Hkv, g*q, S]
+        # From the values the kernel sees: a finite fill can overflow to -inf in fp16.
+        empty = unstack_heads(torch.isneginf(bias).all(dim=-1).expand(b, kv_heads, rows), heads)  # [B, H, q]
+        bias = bias.expand(b, kv_heads, rows, s)  # the kernel wants all four dims; broadcast ones keep stride 0
     try:
-        out, lse = op(query, key, value, bias, True, 0.0, False, scale=scale)[:2]  # lse [B, H, q rounded up]
-    except RuntimeError:  # shapes / dtypes / head dims the kernel does not serve
+        out, lse = op(stacked, key, value, bias, True, 0.0, False, scale=scale)[:2]  # lse [B, Hkv, g*q rounded up]
+    except RuntimeError:  # shapes / strides / head dims the kernel does not serve
         return None
-    lse = lse[..., :n].float()
-    if mask is not None:
-        lse = lse.masked_fill(fully_masked_rows(mask, lse.shape), -torch.inf)
-    return out.float(), lse
+    out, lse = unstack_heads(out.float(), heads), unstack_heads(lse[..., :rows].float(), heads)
+    if empty is not None:
+        lse = lse.masked_fill(empty, -torch.inf)
+    return out, lse
+
+
+def _cuda_sdpa_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if key.shape[2] == 0:  # nothing to attend to; the plain path returns the empty part (lse = -inf)
+        return None
+    kv_groups(query, key)  # stacking needs H % Hkv == 0; refuse loudly rather than fall through
+    if mask is None:
+        result = _cuda_flash_lse(query, key, value, scale)
+        if result is not None:
+            return result
+    return _cuda_efficient_lse(query, key, value, mask, scale)
 
 
 def sdpa_lse_attention(
@@ -210,8 +296,11 @@ def prefix_attention_lse(
     """
     if backend in ("auto", "flash_attn") and mask is None and query.is_cuda and query.dtype in _HALF:
         flash = _flash_attn_func()
-        if flash is not None:
-            return flash_attention_lse(flash, query, key, value, scale)
+        if flash is not None and key.shape[2] > 0:
+            try:
+                return flash_attention_lse(flash, query, key, value, scale)
+            except RuntimeError:  # head dims / GPUs the package does not serve: fall through as the other kernels do
+                pass
     if backend != "torch":
         result = sdpa_lse_attention(query, key, value, mask, scale)
         if result is not None:
@@ -335,6 +424,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     backends = []
     if cuda and _flash_attn_installed():
         backends.append("flash_attn")
-    if (kind == "cpu" and _cpu_lse_op() is not None) or (cuda and _cuda_lse_op() is not None):
+    cuda_ops = cuda and (_cuda_flash_op() is not None or _cuda_efficient_op() is not None)
+    if (kind == "cpu" and _cpu_lse_op() is not None) or cuda_ops:
         backends.append("sdpa_lse")
     return [*backends, "torch"]
