@@ -22,8 +22,16 @@ import torch
 from longspec_hf.evaluation import prompt_windows
 from longspec_hf.loading import SMOLLM2, load_causal_lm, load_draft, user_prompt
 from longspec_hf.training.data import load_texts
+from longspec_hf.tree import validate_tree_shape
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-instruct"
+
+
+def tree_shape_arg(text: str) -> list[int]:
+    try:
+        return list(validate_tree_shape(text))
+    except ValueError as err:  # argparse shows an ArgumentTypeError's own message, one line with the usage
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def timed_generate(target, input_ids, temperature=None, **kwargs):
@@ -43,7 +51,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--context-tokens", type=int, default=2000, help="length of the document in the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--tree-shape", default="1,1,1", help="draft tree widths per level; 1,1,1 is a chain of 3")
+    parser.add_argument("--tree-shape", type=tree_shape_arg, default="1,1,1",
+                        help="draft tree widths per level; 1,1,1 is a chain of 3")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sample at this temperature instead of greedy decoding (both runs use the same seed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -61,7 +70,7 @@ def main() -> None:
     print(f"draft: trained LongSpec draft from {draft_source}" if draft_source else
           "draft: a FRESH, UNTRAINED LongSpec draft (none given) - expect tau close to 1 and no speed-up; the output "
           "is identical to plain generate() all the same.")
-    draft.generation_config.tree_shape = [int(k) for k in args.tree_shape.split(",")]
+    draft.generation_config.tree_shape = args.tree_shape
 
     # Held-out Python documentation (never trained on by the shipped draft), as in examples/01_quickstart.ipynb.
     window = prompt_windows(tokenizer, load_texts(["python-docs:heldout"]), args.context_tokens, 1)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import warnings
 
 import pytest
 import torch
@@ -173,3 +174,116 @@ def test_an_unknown_toy_family_is_named():
 
     with pytest.raises(ValueError, match="toy:llama"):
         load_causal_lm("toy:gpt9")
+
+
+@pytest.mark.parametrize("tree_shape", ["x", "1,a", "4,,16", 4, [2.5]])
+def test_unreadable_tree_shape_names_the_accepted_forms(target, draft, tree_shape):
+    draft.generation_config.tree_shape = tree_shape
+    with pytest.raises(ValueError) as err:
+        target.generate(random_prompt(8), assistant_model=draft, max_new_tokens=2)
+    message = one_line(err)
+    assert "[4, 16, 16]" in message and "'4,16,16'" in message and repr(tree_shape) in message
+
+
+def test_a_tree_shape_string_is_split_at_commas():
+    from longspec_hf.tree import validate_tree_shape
+
+    assert validate_tree_shape("4,16, 16") == (4, 16, 16)  # not read character by character
+    assert validate_tree_shape("1") == (1,) and validate_tree_shape([1, 1, 1]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("source", ["./nope.txt", "data/x.jsonl", "nope.md", "/no/such/folder", "runs/a/b", "~/x.txt"])
+def test_a_missing_data_path_is_reported_at_once_not_sent_to_the_hub(source, tmp_path, monkeypatch):
+    from longspec_hf.training import data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(data, "hub_texts", lambda *a: pytest.fail(f"{source} was looked up on the Hub"))
+    with pytest.raises(FileNotFoundError) as err:
+        data.load_texts([source])
+    assert source in one_line(err)
+
+
+def test_dataset_ids_are_still_dataset_ids():
+    from longspec_hf.training.data import looks_like_local_path
+
+    for source in ("wikitext:wikitext-2-raw-v1@train", "org/name", "org/name:config@validation", "org/corpus-1.0"):
+        assert not looks_like_local_path(source)
+
+
+def named_llama(name: str, commit: str | None = None) -> LlamaForCausalLM:
+    """A tiny Llama of the usual shape under a given name (a fresh one: the shared tiny targets are not renamed)."""
+    model = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    model.config._name_or_path = name
+    if commit:
+        model.config._commit_hash = commit
+    return model
+
+
+def binding_warnings(draft, target) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draft.bind(target)
+    return [str(w.message) for w in caught]
+
+
+def test_a_draft_for_another_model_of_the_same_shape_warns_once_per_binding():
+    from longspec_hf import LongSpecDraftConfig
+
+    built_for, other = named_llama("org/model-a"), named_llama("org/model-b")
+    draft = LongSpecDraftModel(LongSpecDraftConfig.from_target_config(built_for.config, window_size=16))
+    assert draft.config.target_name_or_path == "org/model-a"
+    (message,) = binding_warnings(draft, other)
+    assert "\n" not in message and "built for org/model-a but the target is org/model-b" in message
+    assert binding_warnings(draft, other) == []  # once per binding, not per generate() call
+    assert binding_warnings(draft, named_llama("ORG/Model-A")) == []  # Hub ids compare case-insensitively
+    assert binding_warnings(draft, named_llama("/models/some-folder")) == []  # a local path names no model
+
+
+def test_a_draft_for_another_revision_warns():
+    from longspec_hf import LongSpecDraftConfig
+
+    draft = LongSpecDraftModel(LongSpecDraftConfig.from_target_config(named_llama("org/a", "1" * 40).config))
+    (message,) = binding_warnings(draft, named_llama("org/a", "2" * 40))
+    assert "revision" in message and "1" * 40 in message
+    assert binding_warnings(draft, named_llama("org/a", "1" * 40)) == []
+
+
+def test_the_offline_name_of_a_model_is_that_model():
+    from longspec_hf import LongSpecDraftConfig
+    from longspec_hf.modeling import other_target_name
+
+    config = LongSpecDraftConfig(target_name_or_path="offline:smollm2")
+    assert other_target_name(config, named_llama("HuggingFaceTB/SmolLM2-135M-Instruct").config) is None
+    assert other_target_name(config, named_llama("HuggingFaceTB/SmolLM2-360M-Instruct").config) is not None
+
+
+@pytest.mark.parametrize("move", [{"dtype": torch.bfloat16}, {"device": "meta"}])
+def test_draft_on_another_device_or_dtype_is_refused(target, draft, move):
+    draft.to(**move)
+    with pytest.raises(ValueError) as err:
+        target.generate(random_prompt(8), assistant_model=draft, max_new_tokens=2)
+    assert "draft.to(target.device, target.dtype)" in one_line(err)
+
+
+def untrained_warnings(target, draft, calls: int = 2) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            target.generate(random_prompt(8), assistant_model=draft, max_new_tokens=2)
+    return sum("untrained" in str(w.message) for w in caught)
+
+
+def test_an_untrained_draft_warns_once(target, draft):
+    assert untrained_warnings(target, draft) == 1
+
+
+def test_trained_or_loaded_drafts_do_not_warn(target, draft, tmp_path):
+    draft.save_pretrained(tmp_path)
+    assert untrained_warnings(target, LongSpecDraftModel.from_pretrained(tmp_path)) == 0
+    given_weights = LongSpecDraftModel.from_target(target, window_size=16)
+    given_weights.load_state_dict(draft.state_dict())
+    assert untrained_warnings(target, given_weights) == 0
+    trained = LongSpecDraftModel.from_target(target, window_size=16)
+    trained.train()  # what a training loop does before updating the weights
+    assert untrained_warnings(target, trained.eval()) == 0

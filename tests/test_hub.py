@@ -22,8 +22,8 @@ from longspec_hf import LongSpecDraftModel
 from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_checkpoint
 from longspec_hf.cli import main as cli
 
-CORE_MODULES = {"attention", "cache", "cards", "checkpoints", "configuration", "drafting", "generation", "hook",
-                "hub", "modeling", "specpv", "tree", "verify"}
+CORE_MODULES = {"attention", "cache", "cards", "checkpoints", "compat", "configuration", "drafting", "generation",
+                "hook", "hub", "modeling", "specpv", "timing", "tree", "verify"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:
@@ -157,15 +157,30 @@ def test_binding_to_a_target_with_other_rope_settings_is_refused():
 
 
 def write_official_checkpoint(folder: Path, draft: LongSpecDraftModel, family: str, prefix: str = "",
-                              v4_rope: bool = False) -> None:
-    """The official layout: the target's own config.json and one model.safetensors of the draft layer's tensors."""
+                              v4_rope: bool = False, weights_file: str = "model.safetensors") -> None:
+    """The official layout: the target's own config.json and one weights file of the draft layer's tensors
+    (model.safetensors, or the official trainer's pickled `pytorch_model.bin` / `*.pth`)."""
     target = tiny_target(family)
     target.config.save_pretrained(folder)
     if v4_rope:  # configs written by transformers 4.x carry rope_theta at the top level
         config = json.loads((folder / "config.json").read_text())
         config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
         (folder / "config.json").write_text(json.dumps(config))
-    save_file({prefix + k: v.contiguous() for k, v in draft.state_dict().items()}, str(folder / "model.safetensors"))
+    weights = {prefix + k: v.contiguous() for k, v in draft.state_dict().items()}
+    if weights_file.endswith(".safetensors"):
+        save_file(weights, str(folder / weights_file))
+    else:
+        torch.save(weights, folder / weights_file)
+
+
+class RunsCode:
+    """Unpickling this object calls `open(marker, "w")`: a stand-in for a pickle that runs arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
 
 
 @pytest.mark.parametrize("family,prefix,v4_rope", [("llama", "", True), ("qwen2", "glide.", False)])
@@ -186,6 +201,60 @@ def test_official_checkpoint_loads_with_identical_outputs(tmp_path, family, pref
     plain = target.generate(ids, do_sample=False, max_new_tokens=16)
     spec = target.generate(ids, assistant_model=loaded, do_sample=False, max_new_tokens=16)
     assert spec.tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("weights_file,nested", [("pytorch_model.bin", False), ("draft.pth", False),
+                                                 ("draft.pth", True)])
+def test_official_pytorch_checkpoint_loads_like_its_safetensors_twin(tmp_path, weights_file, nested):
+    """The official trainer's pickled weights load, tensors only, to exactly the draft the safetensors twin gives."""
+    draft = trained_like_draft("llama")
+    write_official_checkpoint(tmp_path / "safetensors", draft, "llama")
+    write_official_checkpoint(tmp_path / "pytorch", draft, "llama", weights_file=weights_file)
+    if nested:  # training scripts often save {"state_dict": ..., "step": ...}
+        weights = torch.load(tmp_path / "pytorch" / weights_file, weights_only=True)
+        torch.save({"state_dict": weights, "step": 1000}, tmp_path / "pytorch" / weights_file)
+    twin = LongSpecDraftModel.from_pretrained(tmp_path / "safetensors")
+    loaded = LongSpecDraftModel.from_pretrained(tmp_path / "pytorch")
+    assert loaded.config.to_dict() | {"_name_or_path": None} == twin.config.to_dict() | {"_name_or_path": None}
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in loaded.state_dict().items())
+    loaded.bind(tiny_target("llama"))
+    torch.testing.assert_close(draft_logits(draft), draft_logits(loaded), rtol=0, atol=0)
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    draft = trained_like_draft("llama")
+    write_official_checkpoint(tmp_path / "official", draft, "llama", weights_file="pytorch_model.bin")
+    weights = {k: v.contiguous() for k, v in draft.state_dict().items()}
+    torch.save({**weights, "extra": RunsCode(marker)}, tmp_path / "official" / "pytorch_model.bin")
+    for load in (LongSpecDraftModel.from_pretrained, lambda path: convert_official_checkpoint(path, tmp_path / "out")):
+        with pytest.raises(ValueError) as err:
+            load(tmp_path / "official")
+        message = str(err.value)
+        assert "\n" not in message and "could run code" in message and "`longspec convert`" in message
+        assert not marker.exists()
+    torch.load(tmp_path / "official" / "pytorch_model.bin", weights_only=False)  # the payload is live: it runs
+    assert marker.exists()
+
+
+def test_safetensors_is_preferred_and_the_pickle_beside_it_is_never_opened(tmp_path):
+    marker = tmp_path / "code-ran"
+    draft = trained_like_draft("llama")
+    write_official_checkpoint(tmp_path, draft, "llama")
+    torch.save({"payload": RunsCode(marker)}, tmp_path / "pytorch_model.bin")
+    torch.save({"payload": RunsCode(marker)}, tmp_path / "draft.pth")
+    loaded = LongSpecDraftModel.from_pretrained(tmp_path)
+    loaded.bind(tiny_target("llama"))
+    torch.testing.assert_close(draft_logits(draft), draft_logits(loaded), rtol=0, atol=0)
+    assert not marker.exists()
+
+
+def test_a_truncated_pytorch_checkpoint_is_refused(tmp_path):
+    write_official_checkpoint(tmp_path, trained_like_draft("llama"), "llama", weights_file="pytorch_model.bin")
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CorruptCheckpointError, match="force_download=True"):
+        LongSpecDraftModel.from_pretrained(tmp_path)
 
 
 def test_longspec_convert_writes_this_layout(tmp_path, capsys):

@@ -1,14 +1,17 @@
 """Draft checkpoints on disk: integrity checks, and the official LongSpec layout.
 
-Two layouts are read, both safetensors only:
+Two layouts are read:
 
 * this project's (``save_pretrained``): ``config.json`` with ``model_type: longspec_draft``, whose
   ``weights_sha256`` records a digest of every weights file, so a truncated or corrupted download is refused instead
-  of silently giving a wrong draft;
+  of silently giving a wrong draft; safetensors only;
 * the official LongSpec checkpoints (``sail/longspec-*``): a *target-style* ``config.json`` (``model_type`` llama or
-  qwen2, the target's geometry) and one ``model.safetensors`` whose keys are the draft layer's module names
+  qwen2, the target's geometry) and one weights file whose keys are the draft layer's module names
   (``self_attn.q_proj.weight``, ..., ``post_cross_attention_layernorm.weight``), possibly under a common prefix.
-  They convert losslessly: the tensors are the same, only the config is rebuilt.
+  ``model.safetensors`` is preferred; the official trainer's PyTorch files (``pytorch_model.bin``, ``*.pth``) are
+  read with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only and never runs code
+  from the file; a pickle that needs more is refused. They convert losslessly: the tensors are the same, only the
+  config is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +32,10 @@ from transformers.utils import cached_file
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PYTORCH_WEIGHTS_NAME = "pytorch_model.bin"
+PYTORCH_SUFFIX = ".pth"
+# Keys under which training scripts commonly nest a state dict inside a saved dict.
+STATE_DICT_KEYS = ("state_dict", "model", "module")
 DRAFT_MODEL_TYPE = "longspec_draft"
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download", "proxies")
 
@@ -115,9 +124,92 @@ def verify_weights(path_or_repo, config: dict, **hub) -> None:
             check_safetensors(resolve(path_or_repo, name, **hub), source)
         return
     raise OSError(
-        f"{source} has no {WEIGHTS_NAME}; longspec-hf reads drafts from safetensors only (never pickle). Re-save the "
-        "draft with save_pretrained, or convert an official checkpoint with `longspec convert`."
+        f"{source} has no {WEIGHTS_NAME}; longspec-hf reads its own drafts from safetensors only (never pickle). "
+        "Re-save the draft with save_pretrained, or convert an official checkpoint with `longspec convert`."
     )
+
+
+def pth_files(path_or_repo: str | os.PathLike, **hub) -> list[str]:
+    """Names of the `*.pth` files at the top of a folder or Hub repo (the official trainer's own file names vary)."""
+    subfolder = hub.get("subfolder") or ""
+    folder = Path(path_or_repo) / subfolder
+    if folder.is_dir():
+        return sorted(p.name for p in folder.glob("*" + PYTORCH_SUFFIX))
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(str(path_or_repo), revision=hub.get("revision"), token=hub.get("token"))
+    except Exception:  # offline, or not a repo: only the fixed file names can be tried
+        return []
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    return sorted(f[len(prefix):] for f in files
+                  if f.startswith(prefix) and "/" not in f[len(prefix):] and f.endswith(PYTORCH_SUFFIX))
+
+
+def official_weights_file(path_or_repo: str | os.PathLike, **hub) -> str | None:
+    """Local path of an official checkpoint's weights: safetensors first, then `pytorch_model.bin`, then one `*.pth`."""
+    for name in (WEIGHTS_NAME, PYTORCH_WEIGHTS_NAME):
+        path = resolve(path_or_repo, name, required=False, **hub)
+        if path is not None:
+            return path
+    names = pth_files(path_or_repo, **hub)
+    if len(names) > 1:
+        raise OSError(
+            f"{path_or_repo} holds several PyTorch weights files ({', '.join(names)}) and no {WEIGHTS_NAME}; keep "
+            f"only the draft's own file (or name it {PYTORCH_WEIGHTS_NAME})."
+        )
+    return resolve(path_or_repo, names[0], **hub) if names else None
+
+
+def refused_pickle_reason(err: Exception) -> str:
+    """The first object torch's safe unpickler refused (its message spans many lines; ours is one)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+
+
+def first_sentence(err: Exception) -> str:
+    return str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+
+
+def as_state_dict(loaded, name: str, source: str) -> dict[str, torch.Tensor]:
+    """A flat `{key: tensor}`, also when the trainer nested it (`{"state_dict": {...}, "step": ...}`)."""
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return loaded
+    if isinstance(loaded, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(loaded.get(key), dict):
+                return as_state_dict(loaded[key], name, source)
+    raise ValueError(
+        f"{name} of {source} is not a state dict (a dict of tensors); official LongSpec checkpoints hold the draft "
+        "layer's tensors."
+    )
+
+
+def load_pytorch_weights(path: str, source: str) -> dict[str, torch.Tensor]:
+    """A pickled PyTorch state dict, unpickled with tensors and plain containers only: nothing in it can run code."""
+    name = Path(path).name
+    try:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"Refused to load {name} of {source}: {refused_pickle_reason(err)}, so unpickling it could run code "
+            "(only tensors and plain containers are read from pickles). If you trust the file, save its tensors as "
+            "model.safetensors next to config.json (safetensors.torch.save_file) and run `longspec convert` on "
+            "that folder."
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CorruptCheckpointError(
+            f"The draft weights {name} of {source} are truncated or corrupted ({first_sentence(err)}). Delete "
+            "the file (or the Hugging Face cache entry) and download it again, e.g. force_download=True."
+        ) from err
+    return as_state_dict(loaded, name, source)
+
+
+def load_official_weights(path: str, source: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        check_safetensors(path, source)
+        return load_file(path)
+    return load_pytorch_weights(path, source)
 
 
 def is_official_config(config: dict) -> bool:
@@ -154,13 +246,13 @@ def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory:
         raise ValueError(
             f"{source} is already in longspec-hf's layout; load it with LongSpecDraftModel.from_pretrained."
         )
-    weights_path = resolve(path_or_repo, WEIGHTS_NAME, required=False, **hub)
+    weights_path = official_weights_file(path_or_repo, **hub)
     if weights_path is None:
         raise OSError(
-            f"{source} has no {WEIGHTS_NAME}; official LongSpec checkpoints are read from safetensors only (never "
-            "pickle)."
+            f"{source} has no draft weights: an official LongSpec checkpoint holds {WEIGHTS_NAME} (or the trainer's "
+            f"{PYTORCH_WEIGHTS_NAME} / *{PYTORCH_SUFFIX}) next to its config.json."
         )
-    check_safetensors(weights_path, source)
+    weights = load_official_weights(weights_path, source)
     target_config = AutoConfig.from_pretrained(str(path_or_repo), **hub)
     name = source.rstrip("/").split("/")[-1]
     draft_config = LongSpecDraftConfig.from_target_config(
@@ -173,7 +265,7 @@ def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory:
     )
     with torch.device("meta"):
         draft = LongSpecDraftModel(draft_config)
-    weights = official_state_dict(load_file(weights_path), set(draft.state_dict()), source)
+    weights = official_state_dict(weights, set(draft.state_dict()), source)
     draft.load_state_dict(weights, strict=True, assign=True)
     dtype = next(iter(weights.values())).dtype
     draft.config.dtype = dtype

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,9 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         self.mlp = GatedMLP(config)
         self.generation_config = GenerationConfig(tree_shape=list(DEFAULT_TREE_SHAPE))
         self._bound: BoundTarget | None = None
+        # Set by from_target (random weights); cleared once the draft is trained or given weights.
+        self._untrained = False
+        self._warned_untrained = False
         self.stats = None
         self.post_init()
 
@@ -146,13 +150,28 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     def from_target(
         cls, target: PreTrainedModel, sink_size: int = 4, window_size: int = 512, **config_kwargs
     ) -> LongSpecDraftModel:
-        """A fresh, randomly initialised draft for ``target``, bound to it, on its device and dtype."""
+        """A fresh, randomly initialised — untrained — draft for ``target``, bound to it, on its device and dtype.
+
+        Its drafts are mostly rejected (tau near 1), so generation is slower than without it (the output is the same);
+        ``generate`` warns about that until the draft is trained (``longspec train``, or any loop that puts it in
+        training mode) or given weights (``load_state_dict``). For a trained draft use :meth:`from_pretrained`.
+        """
         config = LongSpecDraftConfig.from_target_config(
             target.config, sink_size=sink_size, window_size=window_size, **config_kwargs
         )
         draft = cls(config).to(device=target.device, dtype=target.dtype)
         draft.bind(target)
+        draft._untrained = True
         return draft
+
+    def train(self, mode: bool = True) -> LongSpecDraftModel:
+        if mode:
+            self._untrained = False  # a training loop is about to update the weights
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        self._untrained = False
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> LongSpecDraftModel:
@@ -221,9 +240,23 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         return None if self._bound is None else self._bound.model
 
     def bind(self, target: PreTrainedModel) -> None:
-        """Share ``target``'s embeddings, LM head and rotary embedding; refuse a target the draft was not built for."""
-        if self._bound is not None and self._bound.model is target:
-            return
+        """Share ``target``'s embeddings, LM head and rotary embedding; refuse a target the draft was not built for
+        or one on another device or dtype. Called by ``generate`` on every call (cheap once bound); warns when the
+        draft was made for a model of the same shape under another name, or is untrained."""
+        if self._bound is None or self._bound.model is not target:
+            self._bind_new(target)
+        check_placement(self, target)
+        if self._untrained and not self._warned_untrained:
+            self._warned_untrained = True
+            warnings.warn(
+                "This LongSpec draft is untrained (made by LongSpecDraftModel.from_target and neither trained nor "
+                "loaded): its tokens are mostly rejected (tau near 1), so generate() is slower than without it "
+                "(the output is the same). Load a trained draft with LongSpecDraftModel.from_pretrained(...) or "
+                "train one with `longspec train`.",
+                UserWarning, stacklevel=2,
+            )
+
+    def _bind_new(self, target: PreTrainedModel) -> None:
         check_supported_target(target)
         text = target.config.get_text_config(decoder=True)
         mismatches = []
@@ -256,6 +289,9 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
                 "expects them; use a causal LM with RoPE (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
             )
         self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary)
+        mismatch = other_target_name(self.config, target.config)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=3)
 
     def _require_bound(self) -> BoundTarget:
         if self._bound is None:
@@ -388,6 +424,52 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
     def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:
         state.cache.batch_select_indices(rows)
+
+
+# Offline names of real models (loading.py), as the trainer records them, and the Hub id of the same model. Spelled
+# out rather than imported: custom_generate/ ships this module without the loaders.
+TARGET_ALIASES = {"offline:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def comparable_name(name: str | None) -> str | None:
+    """A model name that identifies the model across machines (a Hub id or an offline name), lower-cased as the Hub
+    compares ids; None for nothing or a local path, whose folder name says nothing reliable about its weights."""
+    if not name:
+        return None
+    name = TARGET_ALIASES.get(str(name), str(name))
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.exists(name):
+        return None
+    return name.lower()
+
+
+def other_target_name(draft_config: LongSpecDraftConfig, target_config) -> str | None:
+    """A one-line warning when the draft records another target (name, or revision of the same name) than the one it
+    is bound to; None when they agree or either is unknown. Geometry cannot tell two models of one shape apart."""
+    recorded, actual = draft_config.target_name_or_path, getattr(target_config, "_name_or_path", None)
+    if comparable_name(recorded) is None or comparable_name(actual) is None:
+        return None
+    if comparable_name(recorded) != comparable_name(actual):
+        return (f"This LongSpec draft was built for {recorded} but the target is {actual}: they have the same shape, "
+                "so it binds, but it will draft poorly (the output is unaffected). Use a draft trained for this "
+                "target.")
+    revision, actual_revision = draft_config.target_revision, getattr(target_config, "_commit_hash", None)
+    if revision and actual_revision and not (revision.startswith(actual_revision)
+                                             or actual_revision.startswith(revision)):
+        return (f"This LongSpec draft was built for {recorded} at revision {revision} but the target was loaded at "
+                f"revision {actual_revision}: if its weights changed, the draft drafts worse (the output is "
+                "unaffected).")
+    return None
+
+
+def check_placement(draft: nn.Module, target: PreTrainedModel) -> None:
+    """The draft runs on the target's embeddings and KV cache, so both must share one device and dtype."""
+    param = next(draft.parameters(), None)
+    if param is None or (param.device == target.device and param.dtype == target.dtype):
+        return
+    raise ValueError(
+        f"The draft is on {param.device} in {param.dtype} but the target is on {target.device} in {target.dtype}; "
+        "move the draft first: draft.to(target.device, target.dtype)."
+    )
 
 
 def check_supported_target(target: PreTrainedModel) -> None:

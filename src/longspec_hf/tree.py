@@ -12,6 +12,7 @@ log-probability. One draft forward per level; ``[1] * L`` is a chain of ``L`` gr
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,13 +54,33 @@ class DraftTree:
         return kids
 
 
-def validate_tree_shape(tree_shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(k) for k in tree_shape)
-    if any(k < 1 for k in shape):
+def level_width(value) -> int | None:
+    """One level's width as an int, or None if it is not a whole number (`int()` would truncate 2.5 and read True)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if text.isdecimal() else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def validate_tree_shape(tree_shape: Sequence[int] | str) -> tuple[int, ...]:
+    """The level widths of `tree_shape`: a sequence of positive ints, or the same written "4,16,16" (a string is
+    split at commas, never read character by character)."""
+    items = tree_shape.split(",") if isinstance(tree_shape, str) else tree_shape
+    try:
+        widths = [level_width(k) for k in items]
+    except TypeError:  # not iterable, e.g. a bare int
+        widths = [None]
+    if any(k is None or k < 1 for k in widths):
         raise ValueError(
-            f"tree_shape must be a list of positive widths, e.g. [4, 16, 16] or [1, 1, 1]; got {tree_shape}."
+            f"tree_shape must be positive level widths: a list such as [4, 16, 16] (a chain of k tokens is [1] * k) "
+            f"or the same as a string, '4,16,16'; got {tree_shape!r}."
         )
-    return shape
+    return tuple(widths)
 
 
 def tree_attention_bias(ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

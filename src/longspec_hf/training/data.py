@@ -7,12 +7,15 @@ Sources (one string each):
 * ``python-stdlib:train`` / ``python-stdlib:heldout`` — the CPython standard library sources of this interpreter;
   ``python-docs:train`` / ``python-docs:heldout`` — Python's own documentation (``pydoc_data.topics``). Both split
   deterministically by a hash of the file or topic name (10% held out), so evaluation never sees training text;
-* anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``).
+* anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``) — unless it looks
+  like a local path (a file suffix, a leading ``.``, ``/`` or ``~``, more than one ``/``): a missing file is reported
+  at once instead of being looked up on the Hub.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import torch
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 OFFLINE_CORPORA = ("python-stdlib", "python-docs")
+# Suffixes of data files (dataset ids do not end in them), so `corpus.txt` is a missing file, not a Hub id.
+FILE_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".csv", ".parquet", ".gz", ".zst"}
 
 
 def is_held_out(name: str, fraction: float = 0.1) -> bool:
@@ -76,6 +81,20 @@ def hub_texts(source: str, text_column: str) -> list[str]:
     return dataset_column(dataset, text_column, source)
 
 
+def looks_like_local_path(source: str) -> bool:
+    """Whether `source` names a local file or folder rather than a `datasets` id (`org/name:config@split`).
+
+    A Hub id has at most one `/` and no file suffix; without this check a mistyped path would be sent to the Hub
+    and fail there after its retries, with an error about the Hub.
+    """
+    return (
+        source.startswith((".", "/", "~"))
+        or Path(source).suffix.lower() in FILE_SUFFIXES
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
 def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
     """Documents from every source, in order."""
     texts: list[str] = []
@@ -83,8 +102,13 @@ def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
         corpus, _, split = source.partition(":")
         if corpus in OFFLINE_CORPORA:
             texts.extend(offline_corpus(corpus, split or "train"))
-        elif Path(source).exists():
-            texts.extend(local_texts(Path(source), text_column))
+        elif Path(source).expanduser().exists():
+            texts.extend(local_texts(Path(source).expanduser(), text_column))
+        elif looks_like_local_path(source):
+            raise FileNotFoundError(
+                f"Data file or folder not found: {source} (looked for {Path(source).expanduser().absolute()}); "
+                "check the path, or name a datasets id as org/name[:config][@split]."
+            )
         else:
             texts.extend(hub_texts(source, text_column))
     if not texts:

@@ -129,7 +129,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
 
     torch.manual_seed(config.seed)
     if config.init_draft:
-        draft = LongSpecDraftModel.from_pretrained(config.init_draft)
+        draft = LongSpecDraftModel.from_pretrained(config.init_draft).to(target.device, target.dtype)
         draft.bind(target)
     else:
         draft = LongSpecDraftModel.from_target(target, sink_size=config.sink_size, window_size=config.window_size)
