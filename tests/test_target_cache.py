@@ -167,3 +167,25 @@ def test_round_timings_are_opt_in():
     target.generate(ids, assistant_model=oracle, max_new_tokens=8)
     assert set(oracle.stats.timings) == {"draft", "verify", "accept", "commit"}
     assert all(t > 0 for t in oracle.stats.timings.values())
+
+
+def test_host_stopping_decides_as_the_criteria_do():
+    from transformers.generation.stopping_criteria import (
+        EosTokenCriteria,
+        MaxLengthCriteria,
+        StoppingCriteriaList,
+        StopStringCriteria,
+    )
+
+    from longspec_hf.generation import emit, host_stopping
+
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=12), EosTokenCriteria([5, 9])])
+    host_stop = host_stopping(criteria)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        sequence = torch.randint(10, (1, int(torch.randint(3, 11, (1,), generator=g))), generator=g)
+        tokens = torch.randint(12, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        on_device = emit(tokens, sequence, criteria, None)
+        on_host = emit(tokens, sequence, criteria, None, host_stop)
+        assert torch.equal(on_device[0], on_host[0]) and on_device[1:] == on_host[1:]
+    assert host_stopping(StoppingCriteriaList([*criteria, StopStringCriteria.__new__(StopStringCriteria)])) is None

@@ -17,11 +17,13 @@ never accepted by a ratio test). The one exception is SpecPV partial verificatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
@@ -138,13 +140,45 @@ def token_selector(generation_config: GenerationConfig):
     return lambda scores: int(scores[0].argmax())
 
 
-def emit(tokens: list[int], sequence: torch.LongTensor, stopping_criteria, scores: torch.Tensor):
-    """Append `tokens` one by one until a stopping criterion fires; returns `(sequence, n_appended, finished)`."""
+def emit(tokens: list[int], sequence: torch.LongTensor, stopping_criteria, scores: torch.Tensor,
+         host_stop: HostStop | None = None):
+    """Append `tokens` one by one until a stopping criterion fires; returns `(sequence, n_appended, finished)`.
+
+    With `host_stop` (only transformers' max-length / EOS criteria are in play) the same per-token decision is made
+    on host integers and the tokens are appended at once, so emitting costs no device synchronisation.
+    """
+    if host_stop is not None:
+        appended, finished = host_stop(sequence.shape[1], tokens)
+        return torch.cat([sequence, sequence.new_tensor([tokens[:appended]])], dim=-1), appended, finished
     for i, token in enumerate(tokens):
         sequence = torch.cat([sequence, sequence.new_tensor([[token]])], dim=-1)
         if bool(stopping_criteria(sequence, scores).all()):
             return sequence, i + 1, True
     return sequence, len(tokens), False
+
+
+HostStop = Callable[[int, list[int]], tuple[int, bool]]
+
+
+def host_stopping(stopping_criteria) -> HostStop | None:
+    """transformers' default criteria (max length, EOS ids) evaluated on host integers, token by token, exactly as
+    they would be on the sequence; `None` when any other criterion (stop strings, the caller's own) is present."""
+    max_length, eos = None, set()
+    for criterion in stopping_criteria or []:
+        if type(criterion) is MaxLengthCriteria:
+            max_length = criterion.max_length if max_length is None else min(max_length, criterion.max_length)
+        elif type(criterion) is EosTokenCriteria:
+            eos.update(torch.as_tensor(criterion.eos_token_id).flatten().tolist())
+        else:
+            return None
+
+    def stop(length: int, tokens: list[int]) -> tuple[int, bool]:
+        for i, token in enumerate(tokens):
+            if token in eos or (max_length is not None and length + i + 1 >= max_length):
+                return i + 1, True
+        return len(tokens), False
+
+    return stop
 
 
 def pad_sequences(sequences: list[torch.LongTensor], pad_token_id: int) -> torch.LongTensor:
@@ -192,6 +226,7 @@ def speculative_generate(
     select = token_selector(generation_config)
     # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
     vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
+    host_stop = host_stopping(stopping_criteria)
     stats = SpeculativeStats()
     drafter.stats = stats
     timer = RoundTimer(target.device, stats.timings if getattr(drafter.generation_config, "profile_rounds", False)
@@ -224,8 +259,11 @@ def speculative_generate(
     scores = logits_processor(input_ids, logits)
     sequences = [input_ids[b : b + 1] for b in range(batch)]
     active: list[int] = []
+    last_tokens = []  # each row's newest token, kept on the host: the next round's root
     for b in range(batch):
-        sequences[b], _, finished = emit([select(scores[b : b + 1])], sequences[b], stopping_criteria, logits[b:b + 1])
+        first = select(scores[b : b + 1])
+        last_tokens.append(first)
+        sequences[b], _, finished = emit([first], sequences[b], stopping_criteria, logits[b:b + 1], host_stop)
         if not finished:
             active.append(b)
     stats.new_tokens = batch
@@ -235,8 +273,7 @@ def speculative_generate(
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
 
     while active:
-        last_tokens = [int(sequences[b][0, -1]) for b in active]
-        roots = torch.tensor(last_tokens, device=input_ids.device)
+        roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
         root_positions = state.next_positions
         # 3. draft a tree per row, no deeper than the tokens any row may still produce
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
@@ -264,8 +301,8 @@ def speculative_generate(
             new_valid = compact(state, paths)
             # The committed tokens of a row: its root and the accepted tokens (the bonus is the next root).
             width = new_valid.shape[1]
-            committed = torch.tensor([[root, *tokens[:-1]] + [0] * (width - len(tokens))
-                                      for root, tokens in zip(last_tokens, new_tokens, strict=True)],
+            committed = torch.tensor([[last_tokens[b], *tokens[:-1]] + [0] * (width - len(tokens))
+                                      for b, tokens in zip(active, new_tokens, strict=True)],
                                      device=input_ids.device)  # [A, 1 + max_k]
             drafter.commit(draft_state, committed, new_valid, root_positions)
         if partial is not None:
@@ -278,7 +315,9 @@ def speculative_generate(
         # 6. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
         still_active = []
         for i, b in enumerate(active):
-            sequences[b], appended, finished = emit(new_tokens[i], sequences[b], stopping_criteria, logits[i, -1:])
+            sequences[b], appended, finished = emit(new_tokens[i], sequences[b], stopping_criteria, logits[i, -1:],
+                                                    host_stop)
+            last_tokens[b] = new_tokens[i][-1]
             if streamer is not None:
                 streamer.put(sequences[b][:, -appended:].cpu())
             stats.new_tokens += appended

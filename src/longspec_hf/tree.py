@@ -151,7 +151,8 @@ def build_beam_tree(
         k = child_tokens.shape[1]
         parent_global = parent_local + level_start  # [B, k]
         ancestors[:, n : n + k] = ancestors[rows, parent_global]
-        ancestors[:, torch.arange(n, n + k), torch.arange(n, n + k)] = True
+        new = torch.arange(n, n + k, device=device)
+        ancestors[:, new, new] = True
         tokens.append(child_tokens)
         parents.append(parent_global)
         logprob_list.append(child_logprobs)
