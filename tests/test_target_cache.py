@@ -189,3 +189,19 @@ def test_host_stopping_decides_as_the_criteria_do():
         on_host = emit(tokens, sequence, criteria, None, host_stop)
         assert torch.equal(on_device[0], on_host[0]) and on_device[1:] == on_host[1:]
     assert host_stopping(StoppingCriteriaList([*criteria, StopStringCriteria.__new__(StopStringCriteria)])) is None
+
+
+def test_verification_mask_covers_the_prefix_only_when_something_there_is_hidden():
+    from longspec_hf.verify import TargetState, verification_mask
+
+    tree = random_tree(2, (2, 3), 11, seed=0)
+    slots = 300
+    state = TargetState(cache=None, valid=None, slot_positions=torch.arange(slots)[None].expand(2, slots),
+                        next_positions=torch.full((2,), slots))
+    assert verification_mask(state, tree, torch.float32, None).shape == (2, 1, len(tree), len(tree))
+    assert verification_mask(state, tree, torch.float32, 1000).shape == (2, 1, len(tree), len(tree))
+    assert verification_mask(state, tree, torch.float32, 64).shape == (2, 1, len(tree), slots + len(tree))
+    state.valid = torch.ones(2, slots, dtype=torch.bool)
+    state.valid[1, :5] = False  # left padding
+    mask = verification_mask(state, tree, torch.float32, None)
+    assert mask.shape == (2, 1, len(tree), slots + len(tree)) and bool((mask[1, 0, :, :5] < 0).all())

@@ -358,7 +358,8 @@ def hybrid_tree_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`AttentionInterface` function: `query [B, H, q, D]`, `key/value [B, Hkv, P + q, D]`, additive
-    `attention_mask [B, 1, q, P + q]` or None; returns `(out [B, q, H, D] contiguous, None)`.
+    `attention_mask [B, 1, q, P + q]`, `[B, 1, q, q]` (every prefix key visible) or None; returns
+    `(out [B, q, H, D] contiguous, None)`.
 
     Args:
         tree_prefix_len: P, the committed keys before the `q` tree keys; marks a verification forward. Without it
@@ -383,11 +384,13 @@ def hybrid_tree_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     mask = as_additive_mask(attention_mask, query.dtype)  # [B, 1, q, P + q] or None
 
-    tree_mask = None if mask is None else mask[..., prefix_len:]  # [B, 1, q, q]
+    # A mask over the last q keys only means the caller found nothing to hide in the prefix (no O(context) mask).
+    prefix_columns = mask is not None and mask.shape[-1] == prefix_len + q_len
+    tree_mask = None if mask is None else mask[..., -q_len:]  # [B, 1, q, q]
     out, lse = torch_attention_lse(query, key[:, :, prefix_len:], value[:, :, prefix_len:], tree_mask, scale)
     if prefix_len > 0:
         window_bites = sliding_window is not None and prefix_len + q_len > sliding_window
-        prefix_mask = mask[..., :prefix_len] if mask is not None and (tree_prefix_masked or window_bites) else None
+        prefix_mask = mask[..., :prefix_len] if prefix_columns and (tree_prefix_masked or window_bites) else None
         prefix_k, prefix_v = key[:, :, :prefix_len], value[:, :, :prefix_len]
         # SpecPV applies to full-attention layers only; sliding layers already read a bounded prefix.
         partial = tree_partial if tree_partial is not None and sliding_window is None else None

@@ -90,8 +90,10 @@ def window_hidden(key_positions: torch.Tensor, query_positions: torch.Tensor, wi
 def verification_mask(
     state: TargetState, tree: DraftTree, dtype: torch.dtype, window: int | None, refeed=None
 ) -> torch.Tensor:
-    """Additive mask `[B, 1, p + T, S + p + T]` over the committed slots, the `p` re-fed tokens (SpecPV's pending
-    tokens, causal among themselves; `p = 0` without `refeed`) and the tree (ancestors and self).
+    """Additive mask over the committed slots, the `p` re-fed tokens (SpecPV's pending tokens, causal among
+    themselves; `p = 0` without `refeed`) and the tree (ancestors and self): `[B, 1, p + T, S + p + T]`, or
+    `[B, 1, p + T, p + T]` when every committed slot is visible to every query — the common case, which then costs
+    no O(context) mask per round (the hybrid attention reads the prefix unmasked either way).
 
     Committed slots are visible where valid (and within `window`, if any); the tree sees the valid re-fed tokens.
     """
@@ -100,26 +102,30 @@ def verification_mask(
     query_pos = state.next_positions[:, None] + tree.depths[None]  # [B, T]
     if refeed is not None:
         query_pos = torch.cat([refeed.positions, query_pos], dim=-1)  # [B, p + T]
-    prefix = torch.zeros(batch, query_pos.shape[1], slots, dtype=dtype, device=tree.tokens.device)  # [B, q, S]
     hidden = None if state.valid is None else ~state.valid[:, None, :]
     if window is not None and slots and int(query_pos.max()) + 1 >= window:
         outside = window_hidden(state.slot_positions, query_pos, window)
         hidden = outside if hidden is None else hidden | outside
+    prefix = None
     if hidden is not None:
+        prefix = torch.zeros(batch, query_pos.shape[1], slots, dtype=dtype, device=tree.tokens.device)  # [B, q, S]
         prefix.masked_fill_(hidden, torch.finfo(dtype).min)
     tree_part = tree_attention_bias(tree.ancestors, dtype)  # [B, T, T]
     if refeed is None:
-        return torch.cat([prefix, tree_part], dim=-1)[:, None]
-    p = refeed.tokens.shape[1]
-    device = tree.tokens.device
-    valid = refeed.valid if refeed.valid is not None else torch.ones(batch, p, dtype=torch.bool, device=device)
-    eye = torch.eye(p, dtype=torch.bool, device=device)
-    sees = valid[:, None, :] & torch.ones(p + size, p, dtype=torch.bool, device=device).tril()[None]  # [B, p+T, p]
-    sees[:, :p] |= eye  # a placeholder still sees itself, so no row is empty
-    if window is not None:
-        sees &= ~window_hidden(refeed.positions, query_pos, window) | torch.cat([eye, eye.new_zeros(size, p)])[None]
-    below_tree = torch.full((batch, p, size), torch.finfo(dtype).min, dtype=dtype, device=device)
-    fed = torch.cat([tree_attention_bias(sees, dtype), torch.cat([below_tree, tree_part], dim=1)], dim=-1)
+        fed = tree_part
+    else:
+        p = refeed.tokens.shape[1]
+        device = tree.tokens.device
+        valid = refeed.valid if refeed.valid is not None else torch.ones(batch, p, dtype=torch.bool, device=device)
+        eye = torch.eye(p, dtype=torch.bool, device=device)
+        sees = valid[:, None, :] & torch.ones(p + size, p, dtype=torch.bool, device=device).tril()[None]
+        sees[:, :p] |= eye  # a placeholder still sees itself, so no row is empty
+        if window is not None:
+            sees &= ~window_hidden(refeed.positions, query_pos, window) | torch.cat([eye, eye.new_zeros(size, p)])[None]
+        below_tree = torch.full((batch, p, size), torch.finfo(dtype).min, dtype=dtype, device=device)
+        fed = torch.cat([tree_attention_bias(sees, dtype), torch.cat([below_tree, tree_part], dim=1)], dim=-1)
+    if prefix is None:
+        return fed[:, None]  # [B, 1, p + T, p + T]
     return torch.cat([prefix, fed], dim=-1)[:, None]  # [B, 1, p + T, S + p + T]
 
 
