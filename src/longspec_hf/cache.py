@@ -10,7 +10,9 @@ accepted slots in place and cropping just shortens the view: no O(context) work 
 **Draft** (:class:`SinkWindowCache`):
 
 The draft's self-attention only ever needs the first ``sink_size`` tokens (attention sinks) and the most recent
-``window_size`` tokens, so everything in between is evicted and the draft's memory does not grow with the context.
+``window_size`` tokens (the draft sizes that window to what its window rule reaches: its configured window, plus the
+widest tree level under LongSpec's own tree rule), so everything in between is evicted and the draft's memory does not
+grow with the context.
 
 Two things make it usable for speculative decoding:
 

@@ -48,8 +48,9 @@ OFFICIAL_TARGETS = {
     "longspec-Llama-3-8B-Instruct-262k": "gradientai/Llama-3-8B-Instruct-262k",
     "longspec-QwQ-32B-Preview": "Qwen/QwQ-32B-Preview",
 }
-# The official draft attends to a 512-token sliding window without sinks.
-OFFICIAL_SINK_SIZE, OFFICIAL_WINDOW_SIZE = 0, 512
+# The official draft attends to a 512-token sliding window without sinks, under its own window rule (chain and
+# training: flash-attention's window (512, -1); tree levels: a window over the committed tokens per level).
+OFFICIAL_SINK_SIZE, OFFICIAL_WINDOW_SIZE, OFFICIAL_WINDOW_RULE = 0, 512, "official"
 
 
 class CorruptCheckpointError(OSError):
@@ -235,7 +236,8 @@ def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory:
     """Write an official LongSpec checkpoint (target-style config) in this project's `save_pretrained` layout.
 
     Returns `save_directory`. The weights are copied unchanged, so the converted draft computes exactly the same
-    function; the config is rebuilt from the target-style config (geometry, RoPE) with the official 512-token window.
+    function; the config is rebuilt from the target-style config (geometry, RoPE) with the official 512-token window
+    and window rule, so the draft sees at inference what it was trained on.
     """
     from .configuration import LongSpecDraftConfig
     from .modeling import LongSpecDraftModel
@@ -259,6 +261,7 @@ def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory:
         target_config,
         sink_size=OFFICIAL_SINK_SIZE,
         window_size=OFFICIAL_WINDOW_SIZE,
+        window_rule=OFFICIAL_WINDOW_RULE,
         attention_bias=True,
         target_name_or_path=OFFICIAL_TARGETS.get(name),
         target_revision=None,

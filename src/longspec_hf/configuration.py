@@ -6,21 +6,42 @@ from transformers import PreTrainedConfig
 
 # The target attributes a draft must agree with to be able to share its embeddings, LM head and KV cache.
 BINDING_ATTRIBUTES = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+# Which committed tokens the draft's self-attention sees (see LongSpecDraftConfig). A draft must be run with the rule
+# it was trained with: the attention pattern is part of what it learned.
+WINDOW_RULES = ("sink_window", "official")
 
 
 class LongSpecDraftConfig(PreTrainedConfig):
     r"""Configuration of a [`LongSpecDraftModel`].
 
     The draft is one GliDe-style decoder layer, so most fields mirror the target's config (use
-    [`LongSpecDraftConfig.from_target_config`]); `sink_size` and `window_size` size the draft's own constant cache.
+    [`LongSpecDraftConfig.from_target_config`]); `sink_size`, `window_size` and `window_rule` say what the draft's
+    self-attention sees, which also sizes its constant cache.
+
+    A token's *path* is the committed tokens before it followed by its tree ancestors and itself (in training: the
+    sequence up to it). Tree nodes always see their ancestors; the rules differ in how far back they look:
+
+    * ``"sink_window"`` (this project's drafts, and what ``longspec train`` trains): a token sees the first
+      `sink_size` tokens and the last `window_size` tokens of its path, itself included. A node at depth `d` of a tree
+      (the root is depth 0) thus sees the sinks and the newest `window_size - 1 - d` committed tokens.
+    * ``"official"`` (LongSpec's released drafts; set when an official checkpoint is converted): a token sees the
+      `window_size` tokens before it on its path and itself (the official trainer's and chain decoder's
+      flash-attention window `(window_size, -1)`) — this applies to the root and to every node of a chain (a tree
+      whose levels all have width 1). In a wider tree, the official tree decoder windows the committed tokens per
+      level instead, aligned to the level's end: row `i` (0-based) of a level of `m` nodes at depth >= 1 sees the
+      newest `window_size + m - i` committed tokens plus all its ancestors. The sinks (none in official drafts) are
+      seen as well. The draft's cache keeps the `max(m)` extra committed tokens this needs.
 
     Args:
         vocab_size, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
         hidden_act, rms_norm_eps, max_position_embeddings, rope_parameters:
             Copied from the target (the draft's queries must be rotated exactly like the target's keys).
         attention_bias (`bool`, defaults to `True`): bias on q/k/v projections, as in the official checkpoints.
-        sink_size (`int`, defaults to 4): first tokens always kept in the draft's self-attention cache.
-        window_size (`int`, defaults to 512): most recent tokens kept in the draft's self-attention cache.
+        sink_size (`int`, defaults to 4): first tokens always seen (and kept in the draft's self-attention cache).
+        window_size (`int`, defaults to 512): the sliding window of the draft's self-attention (see `window_rule`);
+            its cache keeps the sinks and the last `window_size` committed tokens (a few more under "official" trees).
+        window_rule (`str`, defaults to "sink_window"): "sink_window" or "official", as above. Training and inference
+            apply the same rule; drafts saved before this setting existed were trained with "sink_window".
         target_model_type / target_name_or_path / target_revision: what the draft was built or trained for.
         weights_sha256 (`dict`, *optional*): sha256 of each weights file, written by `save_pretrained` and checked by
             `from_pretrained`, so a corrupted or truncated download is refused instead of giving a wrong draft.
@@ -43,12 +64,16 @@ class LongSpecDraftConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     sink_size: int = 4
     window_size: int = 512
+    window_rule: str = "sink_window"
     target_model_type: str | None = None
     target_name_or_path: str | None = None
     target_revision: str | None = None
     weights_sha256: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if self.window_rule not in WINDOW_RULES:
+            rules = ", ".join(map(repr, WINDOW_RULES))
+            raise ValueError(f"window_rule must be one of {rules}; got {self.window_rule!r}.")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

@@ -9,6 +9,9 @@
 The draft's self-attention keys and values depend only on (token, position) — its input is the embedding — so the
 draft never has to read the whole prompt: :meth:`LongSpecDraftModel.start` computes the KV of the sink and window
 tokens directly, which keeps the draft's prefill as constant-size as its memory.
+
+Which of those tokens a query sees is the config's ``window_rule`` (:class:`WindowRule`): the rule the draft was
+trained with, applied alike by training (:mod:`longspec_hf.training.objective`) and by :meth:`LongSpecDraftModel.draft`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +42,7 @@ from .checkpoints import (
 )
 from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
-from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree, tree_attention_bias
+from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree, tree_attention_bias, validate_tree_shape
 
 
 class RMSNorm(nn.Module):
@@ -62,6 +66,80 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`x [B, H, q, D]`, `cos/sin [B, q, D]` (as returned by transformers' rotary embedding modules)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# window rules: what a draft query sees of the committed tokens and of its tree (LongSpecDraftConfig.window_rule)
+
+
+def path_window_keys(window_rule: str, window_size: int) -> int:
+    """Keys a token sees along its own path (committed tokens, then its tree ancestors), itself included, under the
+    rule's sliding window: the mask training applies at every position."""
+    # The official window is flash-attention's (window_size, -1): window_size keys to the left, plus the query.
+    return window_size + 1 if window_rule == "official" else window_size
+
+
+def committed_distance(valid: torch.Tensor, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the committed slots `valid [B, C]` of a sink+window cache (the sinks, then the newest tokens, in order):
+    `(distance [B, C], is_sink [B, C])`, how far back from the root each slot's token is (1 = the newest committed
+    token), and whether it is one of its row's first `sink` tokens. Meaningless where not `valid`."""
+    rank = valid.long().cumsum(-1)  # [B, C], 1-based among the row's real slots
+    return rank[:, -1:] - rank + 1, valid & (rank <= sink)
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """The window rule of one drafting round: a config's ``window_rule`` for a given tree shape."""
+
+    sink: int
+    window: int
+    path_keys: int  # keys a token sees along its path, itself included (see path_window_keys)
+    # Levels below the root window the committed tokens per level, not along each path: LongSpec's tree decoder.
+    level_windows: bool
+    widest_level: int  # the widest level that runs through the draft below the root (the last level never does)
+
+    @classmethod
+    def of(cls, config: LongSpecDraftConfig, tree_shape: Sequence[int]) -> WindowRule:
+        official = config.window_rule == "official"
+        return cls(
+            sink=config.sink_size,
+            window=config.window_size,
+            path_keys=path_window_keys(config.window_rule, config.window_size),
+            # The official chain decoder (all widths 1) slides one window along the path, like its trainer.
+            level_windows=official and any(width > 1 for width in tree_shape),
+            widest_level=max(tree_shape[:-1], default=0),
+        )
+
+    @property
+    def committed_kept(self) -> int:
+        """Committed tokens after the sinks a cache must keep for every query of the round to see its window."""
+        keep = max(self.window, self.path_keys - 1)
+        return keep + self.widest_level if self.level_windows else keep
+
+    def committed_reach(self, depth: int, width: int, device=None) -> torch.Tensor:
+        """`[m]`: how many of the newest committed tokens each of the `m = width` queries of the level at `depth` sees
+        (the sinks aside)."""
+        if self.level_windows and depth > 0:
+            # flash-attention aligns a window to the bottom right when the level's m queries follow the committed keys
+            return self.window + width - torch.arange(width, device=device)
+        return torch.full((width,), self.path_keys - 1 - depth, device=device)
+
+    def committed_visible(self, distance: torch.Tensor, is_sink: torch.Tensor, valid: torch.Tensor, depth: int,
+                          width: int) -> torch.Tensor:
+        """`[B, m, C]` bool: the committed slots each query of the level sees (see :func:`committed_distance`)."""
+        reach = self.committed_reach(depth, width, distance.device)  # [m]
+        return valid[:, None] & (is_sink[:, None] | (distance[:, None] <= reach[None, :, None]))
+
+    def tree_visible(self, node_depths: list[int], depth: int, root_positions: torch.Tensor) -> torch.Tensor | None:
+        """`[B, 1, n]` bool: the tree nodes (of depths `node_depths`) a query at `depth` may see if they are its
+        ancestors, or None for all of them: a path window reaches past the root unless it is no longer than the tree
+        is deep (toy windows); tokens among a row's first `sink` stay visible."""
+        if (self.level_windows and depth > 0) or depth < self.path_keys:
+            return None  # decided on the host: no per-level device work or transfer in real configurations
+        depths = torch.tensor(node_depths, device=root_positions.device)  # [n]
+        within = (depth - depths) < self.path_keys  # [n]
+        is_sink = (root_positions[:, None] + depths[None]) < self.sink  # [B, n]
+        return (within[None] | is_sink)[:, None]
 
 
 class DraftAttention(nn.Module):
@@ -155,6 +233,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         Its drafts are mostly rejected (tau near 1), so generation is slower than without it (the output is the same);
         ``generate`` warns about that until the draft is trained (``longspec train``, or any loop that puts it in
         training mode) or given weights (``load_state_dict``). For a trained draft use :meth:`from_pretrained`.
+        ``config_kwargs`` set other config fields, e.g. ``window_rule`` (default "sink_window", the rule
+        ``longspec train`` trains; see :class:`LongSpecDraftConfig`).
         """
         config = LongSpecDraftConfig.from_target_config(
             target.config, sink_size=sink_size, window_size=window_size, **config_kwargs
@@ -344,7 +424,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
             target_key / target_value: `[B, Hkv, L, D]` target last-layer KV (post-RoPE) the draft may see.
             past_key_values: the draft's cache (a [`SinkWindowCache`]); new KV are appended to it.
             attention_mask: additive `[B, 1, q, S]` mask over the self-attention keys (cache + new tokens); `None`
-                means every key is visible (only valid when `q == 1`).
+                means every key is visible (only valid when `q == 1`). It carries the window rule: build it with
+                :class:`WindowRule` (as :meth:`draft` does) or `training.self_attention_allowed`, not ad hoc.
             cross_attention_mask: additive `[B, 1, q, L]` mask over the target's keys, or `None` (all visible).
         """
         bound = self._require_bound()
@@ -379,9 +460,12 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     # Drafter protocol (used by the decode loop)
 
     def start(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, target_state) -> DraftState:
-        """Fill a fresh sink+window cache with the prompts, computing only the KV it keeps (constant cost)."""
+        """Fill a fresh sink+window cache with the prompts, computing only the KV it keeps (constant cost): the sinks
+        and the committed tokens the window rule needs for ``generation_config.tree_shape``."""
         n = input_ids.shape[1]
-        sink, window = self.config.sink_size, self.config.window_size
+        sink = self.config.sink_size
+        tree_shape = validate_tree_shape(getattr(self.generation_config, "tree_shape", None) or [1])
+        window = WindowRule.of(self.config, tree_shape).committed_kept
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.bool())  # [B, n]
         src, kept = sink_window_slots(valid, sink, window)  # [B, C]
@@ -395,19 +479,32 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     def draft(self, state: DraftState, root_tokens: torch.Tensor, root_positions: torch.Tensor, target_state,
               tree_shape: tuple[int, ...]) -> DraftTree:
         cache: SinkWindowCache = state.cache
+        rule = WindowRule.of(self.config, tree_shape)
+        if rule.committed_kept > cache.window_size:
+            raise ValueError(
+                f"tree_shape {list(tree_shape)} needs the draft's cache to keep {rule.committed_kept} committed tokens "
+                f"under the {self.config.window_rule!r} window rule, but start() kept {cache.window_size} (it sizes "
+                "the cache for draft.generation_config.tree_shape): set that before generating."
+            )
         target_key, target_value = target_last_layer_kv(target_state.cache)
         cross_bias = target_state.key_bias(target_key.dtype)  # [B, 1, 1, L] or None
         valid = cache.layers[0].valid  # [B, C] or None
         if valid is None:
             valid = torch.ones(len(root_tokens), cache.get_stored_length(), dtype=torch.bool, device=root_tokens.device)
-        # Committed entries are visible to every node (placeholders excepted); tree entries follow the tree.
-        committed_bias = tree_attention_bias(valid, torch.float32)[:, None]  # [B, 1, C], built once per round
+        distance, is_sink = committed_distance(valid, rule.sink)  # [B, C] each, once per round
+        node_depths: list[int] = []  # every tree node so far, in creation order
         cache.begin_speculation()
 
         def step(tokens: torch.Tensor, positions: torch.Tensor, tree_bias: torch.Tensor) -> torch.Tensor:
-            prefix = committed_bias.expand(-1, tokens.shape[1], -1)  # [B, m, C]
-            bias = torch.cat([prefix, tree_bias], dim=-1)[:, None]  # [B, 1, m, C + n]
-            return self(tokens, positions, target_key, target_value, cache, bias, cross_bias)
+            width = tokens.shape[1]
+            depth = node_depths[-1] + 1 if node_depths else 0  # one step per level, root first
+            node_depths.extend([depth] * width)
+            committed = rule.committed_visible(distance, is_sink, valid, depth, width)  # [B, m, C]
+            tree = rule.tree_visible(node_depths, depth, root_positions)
+            if tree is not None:
+                tree_bias = tree_bias.masked_fill(~tree, torch.finfo(tree_bias.dtype).min)  # [B, m, n]
+            bias = torch.cat([tree_attention_bias(committed, tree_bias.dtype), tree_bias], dim=-1)  # [B, m, C + n]
+            return self(tokens, positions, target_key, target_value, cache, bias[:, None], cross_bias)
 
         return build_beam_tree(step, root_tokens, root_positions, tree_shape)
 

@@ -4,6 +4,12 @@ frozen target's last-layer KV at a random lag, scored against the data (cross-en
 Lag: at inference the root (position ``p``) sees target KV of positions ``< p`` and a tree node at depth ``d`` sees
 the same prefix, i.e. a lag of ``d + 1``. Training draws a lag ``l`` in ``[lag_min, lag_max]`` per step: the draft at
 sequence index ``i`` (predicting token ``i + 1``) cross-attends to target KV of indices ``<= i - l``.
+
+Self-attention: the draft config's window rule (``window_rule``), as inference applies it along each path of a tree:
+every token sees the sinks and the last ``path_window_keys`` tokens up to itself. That is all of "sink_window", and
+for "official" the window of LongSpec's trainer and chain decoder (its tree decoder's per-level window over the
+committed tokens is an inference-time rule that no teacher-forced sequence has; the official trainer does not train
+it either).
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from ..drafting import target_last_layer_kv
+from ..modeling import path_window_keys
 from ..tree import tree_attention_bias
 
 
 def self_attention_allowed(length: int, sink: int, window: int, device=None) -> torch.Tensor:
-    """`[L, L]` bool: query i sees key j when j <= i and j is a sink or within the last `window` tokens."""
+    """`[L, L]` bool: query i sees key j when j <= i and j is a sink or within the last `window` tokens up to i
+    (itself included: pass `path_window_keys(config.window_rule, config.window_size)`)."""
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
     return (j <= i) & ((j < sink) | (i - j < window))
@@ -63,7 +71,7 @@ def draft_loss(
                          "sequences (--seq-len) or a smaller --lag-max.")
     key, value, target_logits = target_pass(target, input_ids, position_ids, loss_type == "distill")
     dtype = key.dtype
-    sink, window = draft.config.sink_size, draft.config.window_size
+    sink, window = draft.config.sink_size, path_window_keys(draft.config.window_rule, draft.config.window_size)
     self_mask = tree_attention_bias(self_attention_allowed(length, sink, window, input_ids.device), dtype)[None, None]
     cross_mask = tree_attention_bias(cross_attention_allowed(length, lag, input_ids.device), dtype)[None, None]
     logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask)  # [B, L, V]
