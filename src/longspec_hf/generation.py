@@ -31,7 +31,7 @@ from .drafting import Drafter
 from .specpv import PartialVerifier, SpecPVConfig
 from .timing import RoundTimer
 from .tree import validate_tree_shape
-from .verify import TargetState, accept_greedy, accept_path, compact, verify_tree
+from .verify import TargetState, accept_greedy, accept_path, compact, row_of_batch, verify_tree
 
 
 @dataclass
@@ -294,7 +294,7 @@ def speculative_generate(
                 paths, new_tokens = [], []
                 for i, b in enumerate(active):
                     path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b],
-                                               logits_processor, select)
+                                               row_of_batch(logits_processor, batch, b), select)
                     paths.append(path)
                     new_tokens.append(tokens)
         with timer("commit"):

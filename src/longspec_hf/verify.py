@@ -241,6 +241,22 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[list[int]
 TokenSelector = Callable[[torch.Tensor], int]
 
 
+def row_of_batch(logits_processor: Callable, batch: int, row: int) -> Callable:
+    """Run `logits_processor` on row `row` of the `batch` it was built for.
+
+    transformers' processors may hold per-row state (the repetition penalty's per-row prompt lengths under an
+    attention mask; the batch id `prefix_allowed_tokens_fn` receives), so a lone `[1, n]` row is given to them as
+    that row of a full-size batch of copies, and that row of the output is taken back.
+    """
+    if batch == 1:
+        return logits_processor
+
+    def process(sequence: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return logits_processor(sequence.repeat(batch, 1), scores.repeat(batch, 1))[row : row + 1]
+
+    return process
+
+
 def accept_path(
     children: list[list[int]],
     node_tokens: list[int],
