@@ -359,7 +359,11 @@ def target_cache(target: PreTrainedModel, prompt: DynamicCache | None, max_lengt
     reserve = min(max_length, max_positions or max_length) + 1 + sum(tree_shape)
     if prompt is None:
         return PreallocatedCache(reserve)
-    return PreallocatedCache.from_dynamic(prompt, reserve)
+    cache = PreallocatedCache.from_dynamic(prompt, reserve)
+    # The caller's cache now views the copy, so its own tensors are freed (unless held elsewhere): a long prompt cache
+    # is not held twice. Its content is unchanged, and the loop leaves the final KV in it at the end.
+    cache.write_to(prompt)
+    return cache
 
 
 def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int],
