@@ -17,12 +17,14 @@ from longspec_hf.bench import (
     MethodOutput,
     Workload,
     autoregressive,
+    compiled_static,
     default_methods,
     markdown_table,
     parse_workload,
     run_bench,
     write_outputs,
 )
+from longspec_hf.bench.runner import warm_up
 from longspec_hf.bench.workloads import middle_truncate
 from longspec_hf.cli import main as cli
 
@@ -179,3 +181,83 @@ def test_middle_truncate_and_bad_workload():
     with pytest.raises(ValueError, match="NAME=SOURCE"):
         parse_workload("nonsense")
     assert parse_workload("mine=/data/x.txt@summarization").kind == "summarization"
+
+
+# ------------------------------------------------------------------------------------ devices and the compiled baseline
+
+
+class ElsewhereTarget(torch.nn.Module):
+    """A target that says it lives on another device ("meta": not the CPU, and no accelerator needed) and records
+    the device of every input it is given."""
+
+    base_model_prefix = "model"
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    @property
+    def device(self):
+        return torch.device("meta")
+
+    def forward(self, input_ids, **kwargs):
+        self.devices.append(input_ids.device)
+
+
+def test_warm_up_moves_its_prompt_to_the_targets_device():
+    target, seen = ElsewhereTarget(), []
+
+    def generate(target, input_ids, cache, max_new_tokens):
+        seen.append(input_ids.device)
+        return MethodOutput(torch.zeros(1, input_ids.shape[1] + max_new_tokens, dtype=torch.long))
+
+    warm_up(target, [Method("m", generate)], torch.arange(100)[None])  # a prompt on the CPU, as workloads make them
+    assert target.devices == [torch.device("meta")] and seen == [torch.device("meta")]
+
+
+def test_bench_on_cuda_without_cuda_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", "--target", "toy:llama", "--device", "cuda"])
+    message = str(exit_info.value)
+    assert message.startswith("longspec bench: --device cuda") and "--device cpu" in message and "\n" not in message
+
+
+def test_bench_refuses_random_targets():
+    with pytest.raises(SystemExit, match="longspec cost"):
+        cli(["bench", "--target", "random:llama-3-8b"])
+
+
+def test_static_cache_baseline_and_per_context_warm_up(corpus):
+    target, calls = tiny_target("llama"), []
+
+    def recorded(target, input_ids, cache, max_new_tokens):
+        calls.append((input_ids.shape[1], max_new_tokens))
+        return autoregressive().generate(target, input_ids, cache, max_new_tokens)
+
+    # The static cache without compiling (compiling is the slow test below): same tokens, one forward per token.
+    methods = [autoregressive(), compiled_static(target, compile=False), Method("w", recorded, warmup="per_context")]
+    result = run_bench(target, word_tokenizer(), methods, [Workload("code", str(corpus), "completion")],
+                       BenchSettings([32, 48], 6, 2), progress=False)
+    rows = {(r["context"], r["method"]): r for r in result["summary"]}
+    assert all(r["identical"] for r in result["summary"])
+    assert rows[32, "autoregressive_compiled"]["tau"] == 1.0
+    # One full untimed call per context length (none in the short warm-up), then one per prompt.
+    assert calls == [(32, 6)] * 3 + [(48, 6)] * 3
+
+
+@pytest.mark.slow
+def test_compiled_baseline_gives_the_same_tokens(corpus):
+    """transformers' compiled decoding on CPU (a minute or more of compiling)."""
+    from torch._dynamo.utils import counters
+
+    target = tiny_target("llama")
+    methods = [autoregressive(), compiled_static(target)]
+    counters.clear()
+    result = run_bench(target, word_tokenizer(), methods, [Workload("code", str(corpus), "completion")],
+                       BenchSettings([32], 6, 2), progress=False)
+    compiled = next(r for r in result["summary"] if r["method"] == "autoregressive_compiled")
+    assert compiled["identical"] and compiled["tau"] == 1.0
+    assert counters["stats"]["unique_graphs"] > 0  # generate() did compile the decode step
+    assert next(m for m in result["methods"] if m["name"] == "autoregressive_compiled")["cache_implementation"] \
+        == "static"

@@ -1,4 +1,8 @@
-"""`longspec` command line: `train`, `eval`, `bench`, `convert` (official checkpoints) and `push` (to the Hub)."""
+"""The `longspec` commands that live here: `train`, `eval`, `convert` (official checkpoints) and `push` (to the Hub).
+
+The parser and `main` are in the top-level `longspec_hf_cli` module, which imports nothing heavy, so `--help` is
+instant; `main` is re-exported here for `python -m longspec_hf.cli` and `accelerate launch -m longspec_hf.cli`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
+
+from longspec_hf_cli import main
+
+__all__ = ["main"]
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -36,7 +44,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def train_command(args: argparse.Namespace) -> None:
     from .training import TrainConfig, run_recipe, train
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "func") and v is not None}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "run") and v is not None}
     stages = None
     if args.recipe:
         recipe = json.loads(open(args.recipe).read())
@@ -86,43 +94,11 @@ def push_command(args: argparse.Namespace) -> None:
     print(f"pushed {args.draft} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .training import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="longspec", description="LongSpec drafts for transformers models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", help="train a draft for a causal LM (runs under accelerate launch)")
-    add_dataclass_arguments(train_parser, TrainConfig)
-    train_parser.add_argument("--recipe", help="JSON file: {'base': {...options}, 'stages': [{...}, ...]}")
-    train_parser.set_defaults(func=train_command)
-    eval_parser = commands.add_parser("eval", help="measure tau of a draft on held-out text at several contexts")
-    from .evaluation import add_eval_arguments
-
-    add_eval_arguments(eval_parser)
-    eval_parser.set_defaults(func=eval_command)
-    bench_parser = commands.add_parser("bench", help="speed-up, tau and memory of decoding methods, same-run baseline")
-    from .bench.cli import add_bench_arguments, bench_cli
-
-    add_bench_arguments(bench_parser)
-    bench_parser.set_defaults(func=bench_cli)
-    convert_parser = commands.add_parser("convert", help="write an official LongSpec checkpoint in this layout")
-    convert_parser.add_argument("checkpoint", help="official checkpoint id (e.g. sail/longspec-...) or folder")
-    convert_parser.add_argument("output_dir")
-    convert_parser.add_argument("--revision")
-    convert_parser.add_argument("--overwrite", action="store_true")
-    convert_parser.set_defaults(func=convert_command)
-    push_parser = commands.add_parser("push", help="upload a saved draft with its card and custom_generate/ folder")
-    push_parser.add_argument("draft", help="draft folder (save_pretrained layout; its README.md is the card)")
-    push_parser.add_argument("repo_id", help="Hub repository, e.g. my-org/my-draft")
-    push_parser.add_argument("--private", action="store_true")
-    push_parser.add_argument("--revision", help="branch to push to")
-    push_parser.add_argument("--create-pr", action="store_true")
-    push_parser.add_argument("--commit-message")
-    push_parser.add_argument("--no-custom-generate", action="store_true",
-                             help="do not include the custom_generate/ folder for plain-transformers use")
-    push_parser.set_defaults(func=push_command)
-    args = parser.parse_args(argv)
-    args.func(args)
+    add_dataclass_arguments(parser, TrainConfig)
+    parser.add_argument("--recipe", help="JSON file: {'base': {...options}, 'stages': [{...}, ...]}")
 
 
 if __name__ == "__main__":

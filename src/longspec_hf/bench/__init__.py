@@ -5,6 +5,7 @@ from .methods import (
     Method,
     MethodOutput,
     autoregressive,
+    compiled_static,
     default_methods,
     early_exit,
     longspec,
@@ -19,7 +20,7 @@ from .workloads import LONGBENCH_TEMPLATES, Workload, offline_workloads, parse_w
 
 __all__ = [
     "BASELINE", "LONGBENCH_TEMPLATES", "SCHEMA", "BenchSettings", "Method", "MethodOutput", "Workload",
-    "autoregressive", "default_methods", "early_exit", "longspec", "markdown_table", "offline_workloads",
-    "parse_workload", "plot", "prompt_lookup", "run_bench", "self_draft", "specpv_settings", "speculative",
-    "summarize", "write_outputs",
+    "autoregressive", "compiled_static", "default_methods", "early_exit", "longspec", "markdown_table",
+    "offline_workloads", "parse_workload", "plot", "prompt_lookup", "run_bench", "self_draft", "specpv_settings",
+    "speculative", "summarize", "write_outputs",
 ]

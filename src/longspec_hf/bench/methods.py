@@ -1,7 +1,8 @@
 """Decoding methods the benchmark compares. A method is a name plus a greedy `generate` call; add your own by
 building a :class:`Method` and passing it to :func:`~longspec_hf.bench.run_bench`.
 
-Built in: plain ``generate()`` (the autoregressive baseline every speed-up is measured against), transformers'
+Built in: plain ``generate()`` (the autoregressive baseline every speed-up is measured against), the same with a
+static cache and transformers' compiled decoding (what a user would pick instead of a draft), transformers'
 prompt-lookup decoding and early-exit (LayerSkip-style) assisted decoding, LongSpec with any tree shape, the
 training-free self-speculative draft, and either of those with SpecPV partial verification.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import kv_bytes
+from ..compat import cache_kwarg
 
 BASELINE = "autoregressive"
 
@@ -40,6 +42,10 @@ class Method:
         skip_reason: why the method cannot run here (it is then reported as skipped, never run).
         draft_cache_bytes: for methods whose draft state is not observable after the call, its size as a function
             of the prompt cache.
+        prepare_cache: `(target, prompt_cache, input_ids, max_new_tokens) -> cache`, untimed, for methods that
+            continue the prompt in another cache type; it must leave `prompt_cache` as it is. Default: a deep copy.
+        warmup: "once" (one short untimed call before the run) or "per_context" (one full untimed call per context
+            length, for methods whose first call at a new shape compiles).
     """
 
     name: str
@@ -48,20 +54,65 @@ class Method:
     skip_reason: str | None = None
     draft_cache_bytes: Callable | None = None
     settings: dict = field(default_factory=dict)
+    prepare_cache: Callable | None = None
+    warmup: str = "once"
 
 
-def greedy(target, input_ids: torch.LongTensor, max_new_tokens: int, **kwargs) -> torch.LongTensor:
-    """Exactly `max_new_tokens` greedy tokens (EOS suppressed, so every method decodes the same number). The mask is
-    all ones: prompts are unpadded, and a prompt token equal to the pad id must not make generate() infer padding."""
+def greedy(target, input_ids: torch.LongTensor, max_new_tokens: int, cache=None, **kwargs) -> torch.LongTensor:
+    """Exactly `max_new_tokens` greedy tokens (EOS suppressed, so every method decodes the same number), continuing
+    `cache` if given. The mask is all ones: prompts are unpadded, and a prompt token equal to the pad id must not
+    make generate() infer padding."""
+    if cache is not None:
+        kwargs[cache_kwarg(target)] = cache
     return target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kwargs)
 
 
 def autoregressive() -> Method:
     def generate(target, input_ids, cache, max_new_tokens):
-        return MethodOutput(greedy(target, input_ids, max_new_tokens, past_key_values=cache))
+        return MethodOutput(greedy(target, input_ids, max_new_tokens, cache=cache))
 
     return Method(BASELINE, generate)
+
+
+def static_copy(target, prompt_cache, max_cache_len: int):
+    """A transformers `StaticCache` of `max_cache_len` slots holding `prompt_cache`'s KV: what
+    `generate(cache_implementation="static")` holds after its own prefill of the same tokens."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=target.config, max_cache_len=max_cache_len)
+    for index, layer in enumerate(prompt_cache.layers):
+        cache.update(layer.keys, layer.values, index)
+    return cache
+
+
+def compiled_static(target, compile: bool = True, name: str = "autoregressive_compiled") -> Method:
+    """Plain greedy ``generate()`` the way transformers documents its compiled decoding: a static cache and a
+    ``compile_config``, so generate() compiles the decode step itself (``torch.compile``, its default settings).
+
+    The prompt's KV is copied into the static cache before timing, so the decode time is measured like the eager
+    baseline's. Compilation happens in the first call at each cache size; the benchmark's per-context warm-up pays
+    it. `compile=False` keeps the static cache but decodes eagerly (quick, for tests).
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    # generate() compiles on accelerators only; this switch of its own lets it compile on CPU too.
+    config._compile_all_devices = True
+
+    def prepare(target, prompt_cache, input_ids, max_new_tokens):
+        return static_copy(target, prompt_cache, input_ids.shape[1] + max_new_tokens)
+
+    def generate(target, input_ids, cache, max_new_tokens):
+        options = {"compile_config": config} if compile else {"disable_compile": True}
+        out = greedy(target, input_ids, max_new_tokens, cache=cache, **options)
+        # One forward per new token (the prompt's last token, then each step); a layer hook would not see the
+        # calls inside the compiled graph.
+        return MethodOutput(out, target_forwards=max_new_tokens)
+
+    settings = {"cache_implementation": "static", "compile_config": config.to_dict() if compile else None}
+    return Method(name, generate, settings=settings, prepare_cache=prepare,
+                  warmup="per_context" if compile else "once")
 
 
 # transformers 5.23's assisted decoding (prompt lookup, early exit, assistant models) does not continue a filled
@@ -107,7 +158,7 @@ def speculative(draft, tree_shape: list[int] | None, name: str, specpv: dict | N
         saved = config.tree_shape, getattr(config, "specpv", None)
         config.tree_shape, config.specpv = shape, specpv
         try:
-            out = greedy(target, input_ids, max_new_tokens, assistant_model=draft, past_key_values=cache)
+            out = greedy(target, input_ids, max_new_tokens, cache=cache, assistant_model=draft)
         finally:
             config.tree_shape, config.specpv = saved
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
@@ -148,12 +199,14 @@ def specpv_settings(budget_tokens: int, block_size: int = 16) -> dict:
 def default_methods(target, draft=None, trees: dict[str, list[int]] | None = None, early_exit_layer: int | None = None,
                     prompt_lookup_tokens: int = 10, self_draft_tree: list[int] | None = (1, 1, 1, 1),
                     self_draft_window: int = 512, specpv_budgets: list[int] = (),
-                    attn_backend: str = "auto") -> list[Method]:
-    """The baseline, transformers' prompt lookup and early exit, LongSpec per tree shape (name -> shape), the
-    self-speculative draft (unless `self_draft_tree` is None), and per SpecPV budget (tokens) the first LongSpec
-    tree with partial verification (the self-draft's when there is no LongSpec draft)."""
+                    attn_backend: str = "auto", compiled: bool = False) -> list[Method]:
+    """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
+    LongSpec per tree shape (name -> shape), the self-speculative draft (unless `self_draft_tree` is None), and per
+    SpecPV budget (tokens) the first LongSpec tree with partial verification (the self-draft's when there is no
+    LongSpec draft)."""
     trees = trees if trees is not None else {"longspec_chain": [1, 1, 1], "longspec_tree": [4, 16, 16, 16, 16]}
-    methods = [autoregressive(), prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
+    methods = [autoregressive()] + ([compiled_static(target)] if compiled else [])
+    methods += [prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
     methods += [longspec(draft, shape, name) for name, shape in trees.items()]
     if self_draft_tree is not None:
         methods.append(self_draft(target, list(self_draft_tree), window_size=self_draft_window,

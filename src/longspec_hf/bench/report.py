@@ -81,13 +81,14 @@ def plot(result: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(result: dict, folder: str | Path) -> dict[str, Path]:
-    """results.json, results.md and the plots in `folder` (created); returns the paths written."""
+def write_outputs(result: dict, folder: str | Path, markdown=None, plots=None) -> dict[str, Path]:
+    """results.json, results.md and the plots in `folder` (created); returns the paths written. `markdown(result)`
+    and `plots(result, folder)` default to the benchmark's (``longspec cost`` passes its own)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
     paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(markdown_table(result) + "\n")
-    for path in plot(result, folder):
+    paths["markdown"].write_text((markdown or markdown_table)(result) + "\n")
+    for path in (plots or plot)(result, folder):
         paths[path.stem] = path
     return paths

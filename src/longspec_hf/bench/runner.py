@@ -10,7 +10,8 @@ Per workload, context length and prompt:
    (new tokens per full target forward, counted at the target's last layer), peak memory, the draft's KV-cache bytes,
    and whether its tokens equal the baseline's.
 
-Warm-up calls (one short prompt per method) run first and are not reported.
+Warm-up calls (one short prompt per method; a full call per context length for methods that compile per shape) are
+not reported.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import kv_bytes
+from ..compat import cache_kwarg
 from .measure import count_target_forwards, peak_memory, timed
 from .methods import BASELINE, Method, autoregressive
 
@@ -58,12 +60,21 @@ def prefill(target, input_ids: torch.LongTensor) -> tuple[DynamicCache, float]:
     """KV of `input_ids[:, :-1]` and the seconds it took; the last token is left for each method's first forward."""
     cache = DynamicCache()
     with torch.no_grad(), timed(target.device) as clock:
-        target(input_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        target(input_ids[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kwarg(target): cache})
     return cache, clock["seconds"]
 
 
+def private_cache(target, method: Method, prompt_cache, input_ids, max_new_tokens: int):
+    """The method's own copy of the prompt cache, made before the clock starts; None if the method prefills itself."""
+    if not method.uses_prompt_cache:
+        return None
+    if method.prepare_cache is not None:
+        return method.prepare_cache(target, prompt_cache, input_ids, max_new_tokens)
+    return copy.deepcopy(prompt_cache)
+
+
 def run_method(target, method: Method, input_ids, prompt_cache, prefill_seconds: float, max_new_tokens: int) -> dict:
-    cache = copy.deepcopy(prompt_cache) if method.uses_prompt_cache else None
+    cache = private_cache(target, method, prompt_cache, input_ids, max_new_tokens)
     with torch.no_grad(), peak_memory(target.device) as memory, count_target_forwards(target) as forwards, \
             timed(target.device) as clock:
         output = method.generate(target, input_ids, cache, max_new_tokens)
@@ -94,11 +105,21 @@ def run_method(target, method: Method, input_ids, prompt_cache, prefill_seconds:
 
 
 def warm_up(target, methods: list[Method], input_ids: torch.LongTensor) -> None:
-    """One short call per method: first-call costs (allocations, kernel selection, lazy imports) are not reported."""
-    ids = input_ids[:, : min(64, input_ids.shape[1])]
+    """One short call per method: first-call costs (allocations, kernel selection, lazy imports) are not reported.
+    Methods that compile per shape are left to :func:`warm_up_context`."""
+    ids = input_ids[:, : min(64, input_ids.shape[1])].to(target.device)
     cache, seconds = prefill(target, ids)
     for method in methods:
-        run_method(target, method, ids, cache, seconds, 4)
+        if method.warmup == "once":
+            run_method(target, method, ids, cache, seconds, 4)
+
+
+def warm_up_context(target, methods: list[Method], input_ids, prompt_cache, prefill_seconds: float,
+                    max_new_tokens: int) -> None:
+    """A full untimed call of each per-shape method at this context length (its compilation for this shape)."""
+    for method in methods:
+        if method.warmup == "per_context":
+            run_method(target, method, input_ids, prompt_cache, prefill_seconds, max_new_tokens)
 
 
 def run_bench(target, tokenizer, methods: list[Method], workloads: list, settings: BenchSettings,
@@ -119,13 +140,17 @@ def run_bench(target, tokenizer, methods: list[Method], workloads: list, setting
                    for w in workloads for c in settings.contexts]
     if settings.warmup and prompt_sets:
         warm_up(target, runnable, prompt_sets[0][2][0])
-    runs = []
+    runs, warmed_contexts = [], set()
     total = sum(len(p) for _, _, p in prompt_sets) * len(runnable)
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for workload, context, prompts in prompt_sets:
             for index, input_ids in enumerate(prompts):
                 input_ids = input_ids.to(target.device)
                 prompt_cache, prefill_seconds = prefill(target, input_ids)
+                if settings.warmup and context not in warmed_contexts:
+                    warmed_contexts.add(context)
+                    warm_up_context(target, runnable, input_ids, prompt_cache, prefill_seconds,
+                                    settings.max_new_tokens)
                 reference = None
                 for method in runnable:
                     bar.set_postfix_str(f"{workload.name} {context} {method.name}")

