@@ -73,3 +73,32 @@ def test_toy_targets_are_deterministic_and_leave_the_rng_alone():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     text = "def f(x):\n    return x"
     assert tokenizer.decode(tokenizer(text).input_ids) == text and len(tokenizer) == 512
+
+
+SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+
+
+def run_script(path, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
+def test_every_example_script_answers_help(path):
+    done = run_script(path, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_demo_runs_on_a_toy_target():
+    done = run_script(EXAMPLES / "demo.py", "--target", "toy:llama", "--context-tokens", "64",
+                      "--max-new-tokens", "6", "--tree-shape", "2,2")
+    assert done.returncode == 0, done.stderr
+    assert "identical outputs  : True" in done.stdout
+
+
+def test_every_example_script_has_a_run_test():
+    # A new script in examples/ needs its own run test next to test_demo_runs_on_a_toy_target.
+    assert [p.name for p in SCRIPTS] == ["demo.py"]
