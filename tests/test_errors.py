@@ -287,3 +287,14 @@ def test_trained_or_loaded_drafts_do_not_warn(target, draft, tmp_path):
     trained = LongSpecDraftModel.from_target(target, window_size=16)
     trained.train()  # what a training loop does before updating the weights
     assert untrained_warnings(target, trained.eval()) == 0
+
+
+def test_a_draft_for_another_vocabulary_names_itself_before_transformers_tokenizer_check():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    draft = LongSpecDraftModel.from_target(other)
+    with pytest.raises(ValueError, match="built for a different target .*vocab_size=200") as error:
+        tiny_target("llama").generate(random_prompt(10), assistant_model=draft, max_new_tokens=3)
+    assert "assistant_tokenizer" not in str(error.value)

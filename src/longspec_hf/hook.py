@@ -70,6 +70,9 @@ def _wrap_validate_generation_mode(original):
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         if not is_drafter(generation_mode_kwargs.get("assistant_model")):
             return original(self, generation_mode, generation_config, generation_mode_kwargs)
+        # A draft made for another model must say so itself: transformers' own check (a vocabulary mismatch) would
+        # first tell the user to pass an assistant_tokenizer, which cannot help a LongSpec draft.
+        generation_mode_kwargs["assistant_model"].bind(self)
         if generation_mode != GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
                 f"A LongSpec draft supports greedy decoding and sampling, not {generation_mode.value}; set "
