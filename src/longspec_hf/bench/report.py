@@ -67,7 +67,8 @@ def plot(result: dict, folder: Path) -> list[Path]:
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     target_kv = sorted({(r["context"], r["target_kv_bytes"]) for r in rows})
-    ax.plot([c for c, _ in target_kv], [b / 2**20 for _, b in target_kv], "k--", label="target KV cache")
+    # A marker, so that with one context length the line (a single point) is drawn as its legend entry promises.
+    ax.plot([c for c, _ in target_kv], [b / 2**20 for _, b in target_kv], "k--", marker="s", label="target KV cache")
     for method in methods:
         points = sorted({(r["context"], r["draft_cache_bytes"]) for r in rows
                          if r["method"] == method and r["draft_cache_bytes"]})
