@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from conftest import FAMILIES, VOCAB, OracleDrafter, random_prompt, tiny_target
+from test_batch import left_padded
 from transformers import DynamicCache
 
 from longspec_hf import LongSpecDraftModel, SelfDraft
@@ -169,18 +170,8 @@ def prompts_of(case: Case) -> list[torch.LongTensor]:
     return [random_prompt(n, seed=case.seed * 4 + row) for row, n in enumerate(case.prompt_lens)]
 
 
-def left_pad(prompts: list[torch.LongTensor], extra: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
-    length = max(p.shape[1] for p in prompts) + extra
-    ids = torch.full((len(prompts), length), PAD)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, length - p.shape[1]:] = p[0]
-        mask[row, length - p.shape[1]:] = 1
-    return ids, mask
-
-
 def input_kwargs(case: Case) -> dict:
-    ids, mask = left_pad(prompts_of(case), case.extra_pad)
+    ids, mask = left_padded(prompts_of(case), case.extra_pad)
     kwargs = {"inputs": ids}
     if case.padded or case.explicit_mask:
         kwargs["attention_mask"] = mask

@@ -11,8 +11,9 @@ from longspec_hf import LongSpecDraftModel
 PAD = 0
 
 
-def left_padded(prompts: list[torch.LongTensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
-    length = max(p.shape[1] for p in prompts)
+def left_padded(prompts: list[torch.LongTensor], extra: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Prompts `[1, n_i]` left-padded to the longest (plus `extra` padding on every row): `(ids, mask)` `[B, L]`."""
+    length = max(p.shape[1] for p in prompts) + extra
     ids = torch.full((len(prompts), length), PAD)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):

@@ -34,12 +34,12 @@ from fuzz_cases import (
     draw_case,
     draw_processor_arg,
     known_bug,
-    left_pad,
     processed_gap,
     run_profile,
 )
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_batch import left_padded
 
 from longspec_hf import SelfDraft
 
@@ -168,7 +168,7 @@ def test_batched_repetition_penalty_with_an_attention_mask():
     # Fuzz case 13 (and 9% of all cases: batch > 1, an attention mask, repetition_penalty != 1), minimised to two
     # left-padded prompts of 1 and 2 tokens and one speculative round.
     target = tiny_target("qwen3")
-    ids, mask = left_pad([random_prompt(1, seed=1), random_prompt(2, seed=2)])
+    ids, mask = left_padded([random_prompt(1, seed=1), random_prompt(2, seed=2)])
     kwargs = {"attention_mask": mask, "max_new_tokens": 2, "do_sample": False, "repetition_penalty": 1.5}
     expected = target.generate(ids, **kwargs)
     oracle = OracleDrafter(target, [expected[0, 1:], expected[1]], [1])
