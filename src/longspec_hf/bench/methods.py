@@ -59,13 +59,14 @@ class Method:
 
 
 def greedy(target, input_ids: torch.LongTensor, max_new_tokens: int, cache=None, **kwargs) -> torch.LongTensor:
-    """Exactly `max_new_tokens` greedy tokens (EOS suppressed, so every method decodes the same number), continuing
-    `cache` if given. The mask is all ones: prompts are unpadded, and a prompt token equal to the pad id must not
-    make generate() infer padding."""
+    """Exactly `max_new_tokens` greedy tokens (EOS does not stop generation, so every method decodes the same number;
+    unlike `min_new_tokens`, this adds no logits processor, so each method runs as a user's plain greedy call),
+    continuing `cache` if given. The mask is all ones: prompts are unpadded, and a prompt token equal to the pad id
+    must not make generate() infer padding."""
     if cache is not None:
         kwargs[cache_kwarg(target)] = cache
     return target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kwargs)
+                           max_new_tokens=max_new_tokens, eos_token_id=None, **kwargs)
 
 
 def autoregressive() -> Method:
