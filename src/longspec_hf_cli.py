@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     module, _, function = args.run.partition(":")
-    getattr(importlib.import_module(module), function)(args)
+    try:
+        getattr(importlib.import_module(module), function)(args)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as err:
+        # The project's own errors about the user's input name the fix in one line; a traceback would bury it.
+        raise SystemExit(f"longspec {argv[0]}: {err}") from None
 
 
 if __name__ == "__main__":

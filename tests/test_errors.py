@@ -298,3 +298,45 @@ def test_a_draft_for_another_vocabulary_names_itself_before_transformers_tokeniz
     with pytest.raises(ValueError, match="built for a different target .*vocab_size=200") as error:
         tiny_target("llama").generate(random_prompt(10), assistant_model=draft, max_new_tokens=3)
     assert "assistant_tokenizer" not in str(error.value)
+
+
+def test_cli_input_errors_are_one_line(tmp_path):
+    from longspec_hf_cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--target", "toy:llama", "--data", str(tmp_path / "missing.txt"),
+              "--output-dir", str(tmp_path / "out")])
+    message = str(exit_info.value)
+    assert message.startswith("longspec train: ") and "missing.txt" in message and "\n" not in message
+
+
+def test_an_interrupted_generate_leaves_attention_and_prompt_cache_as_they_were():
+    from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+    target = tiny_target("llama")
+    ids = random_prompt(30, seed=3)
+    cache = DynamicCache()
+    with torch.no_grad():
+        target(ids[:, :20], use_cache=True, past_key_values=cache)
+    keys = cache.layers[0].keys.clone()
+
+    class Interrupt(StoppingCriteria):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            if self.calls == 3:  # after the prefill and two rounds
+                raise KeyboardInterrupt
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=8)
+    draft.generation_config.tree_shape = [2, 2]
+    implementation = target.config._attn_implementation
+    with pytest.raises(KeyboardInterrupt):
+        target.generate(ids, assistant_model=draft, max_new_tokens=20, past_key_values=cache,
+                        stopping_criteria=StoppingCriteriaList([Interrupt()]))
+    assert target.config._attn_implementation == implementation
+    assert cache.get_seq_length() == 20 and torch.equal(cache.layers[0].keys, keys)
+    out = target.generate(ids, assistant_model=draft, max_new_tokens=6, past_key_values=cache)
+    assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=6))
