@@ -340,3 +340,13 @@ def test_an_interrupted_generate_leaves_attention_and_prompt_cache_as_they_were(
     assert cache.get_seq_length() == 20 and torch.equal(cache.layers[0].keys, keys)
     out = target.generate(ids, assistant_model=draft, max_new_tokens=6, past_key_values=cache)
     assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=6))
+
+
+def test_a_path_into_an_existing_folder_is_local_even_without_a_suffix(tmp_path, monkeypatch):
+    from longspec_hf.training import data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(data, "hub_texts", lambda *a: pytest.fail("data/corpus was looked up on the Hub"))
+    with pytest.raises(FileNotFoundError, match="data/corpus"):
+        data.load_texts(["data/corpus"])

@@ -92,6 +92,8 @@ def looks_like_local_path(source: str) -> bool:
         or Path(source).suffix.lower() in FILE_SUFFIXES
         or source.count("/") > 1
         or (os.sep != "/" and os.sep in source)
+        # `data/corpus` when a local `data/` folder exists: a path into it, not the Hub dataset `data/corpus`
+        or ("/" in source and Path(source.split("/", 1)[0]).is_dir())
     )
 
 
