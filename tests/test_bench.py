@@ -215,14 +215,6 @@ def test_warm_up_moves_its_prompt_to_the_targets_device():
     assert target.devices == [torch.device("meta")] and seen == [torch.device("meta")]
 
 
-def test_bench_on_cuda_without_cuda_is_one_line_naming_the_fix(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["bench", "--target", "toy:llama", "--device", "cuda"])
-    message = str(exit_info.value)
-    assert message.startswith("longspec bench: --device cuda") and "--device cpu" in message and "\n" not in message
-
-
 def test_bench_refuses_random_targets():
     with pytest.raises(SystemExit, match="longspec cost"):
         cli(["bench", "--target", "random:llama-3-8b"])

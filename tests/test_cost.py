@@ -166,12 +166,14 @@ def test_cost_command_end_to_end_on_a_random_target(tmp_path):
     assert (tmp_path / "out" / "cost.png").exists()
 
 
-def test_cuda_without_cuda_is_one_line_naming_the_fix(monkeypatch):
+@pytest.mark.parametrize("command", ["cost", "bench"])
+def test_cuda_without_cuda_is_one_line_naming_the_fix(monkeypatch, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
-        cli(["cost", "--target", "toy:llama", "--device", "cuda"])
+        cli([command, "--target", "toy:llama", "--device", "cuda"])
     message = str(exit_info.value)
-    assert message.startswith("longspec cost: --device cuda") and "--device cpu" in message and "\n" not in message
+    assert message.startswith(f"longspec {command}: --device cuda") and "--device cpu" in message
+    assert "\n" not in message
 
 
 # ----------------------------------------------------------------------------------------------- the command line
