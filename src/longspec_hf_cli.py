@@ -2,7 +2,8 @@
 
 This module imports neither torch nor transformers, nor `longspec_hf` itself (whose import registers the attention
 function and the generate() hook with transformers, seconds of work): `longspec --help` and `longspec <cmd> --help`
-answer at once, and a command imports what it needs when it runs. Only the chosen command's options are built.
+answer at once, and a command imports what it needs when it runs. Only the chosen command's options are built;
+`train`'s come from `TrainConfig`, whose module is run from its file (it imports only the standard library).
 """
 
 from __future__ import annotations
@@ -11,19 +12,43 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 TOY_FAMILIES = ("llama", "qwen2", "mistral")  # longspec_hf.toy.toy_families(), kept in step by a test
 DEFAULT_TREES = {"chain": [1, 1, 1], "beam": [4, 16, 16, 16, 16]}
 
 
-def shipped_random_configs() -> list[str]:
-    """Names of the model configs shipped for `random:<name>` targets (found on disk, the package is not imported)."""
+def package_folder() -> Path | None:
+    """Where the `longspec_hf` package lives, found without importing it (None when it is not installed)."""
     spec = importlib.util.find_spec("longspec_hf")
     if spec is None or not spec.submodule_search_locations:
-        return []
-    folder = Path(next(iter(spec.submodule_search_locations))) / "configs"
-    return sorted(p.stem for p in folder.glob("*.json"))
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def shipped_random_configs() -> list[str]:
+    """Names of the model configs shipped for `random:<name>` targets (found on disk, the package is not imported)."""
+    folder = package_folder()
+    return sorted(p.stem for p in (folder / "configs").glob("*.json")) if folder else []
+
+
+def run_package_file(relative: str) -> types.ModuleType:
+    """A standard-library-only module of the package, run from its file: importing it by name would first import
+    `longspec_hf` (torch and transformers, seconds). It gets a private name, so the package's own import of the
+    module is untouched."""
+    name = "_longspec_cli_" + relative.removesuffix(".py").replace("/", "_")
+    if name not in sys.modules:
+        folder = package_folder()
+        if folder is None:
+            raise ModuleNotFoundError("No module named 'longspec_hf'; install longspec-hf")
+        spec = importlib.util.spec_from_file_location(name, folder / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and typing resolve the string annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def target_help(random_targets: bool) -> str:
@@ -144,16 +169,47 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not include the custom_generate/ folder for plain-transformers use")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from longspec_hf.cli import add_train_arguments as add
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field (`seq_len` -> `--seq-len`), typed from the annotation. Flags not given are
+    absent from the namespace (argparse.SUPPRESS), so a recipe's values are only overridden by flags the user typed;
+    the dataclass supplies the defaults."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        required = f.default is MISSING and f.default_factory is MISSING
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f"(default: {f.default})")
+            continue
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+        if typing.get_origin(base) is list:
+            item = typing.get_args(base)[0]
+            parser.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS)
+        else:
+            default = None if required else (f.default if f.default is not MISSING else None)
+            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, help=f"(default: {default})")
 
-    add(parser)
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    # The flags come from TrainConfig itself, so they cannot drift from what `train` accepts.
+    add_dataclass_arguments(parser, run_package_file("training/config.py").TrainConfig)
+    parser.add_argument("--recipe", help="JSON file: {'base': {...options}, 'stages': [{...}, ...]}")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from longspec_hf.evaluation import add_eval_arguments as add
-
-    add(parser)
+    # A copy of longspec_hf.evaluation.add_eval_arguments (that module imports torch); a test keeps the two equal.
+    parser.add_argument("--target", required=True, help="target model id or folder")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
+    parser.add_argument("--draft", required=True,
+                        help="draft folder or id, or 'self' for the training-free self-speculative draft")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE",
+                        help="held-out text per domain, e.g. code=python-stdlib:heldout (repeatable)")
+    parser.add_argument("--tree-shape", type=int, nargs="+", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per domain and context")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)

@@ -350,3 +350,69 @@ def test_a_path_into_an_existing_folder_is_local_even_without_a_suffix(tmp_path,
     monkeypatch.setattr(data, "hub_texts", lambda *a: pytest.fail("data/corpus was looked up on the Hub"))
     with pytest.raises(FileNotFoundError, match="data/corpus"):
         data.load_texts(["data/corpus"])
+
+
+def offline_datasets_error(dataset_id, config, split):
+    # What `datasets` raises in offline mode for a dataset it has not cached (it reads the switch at its import).
+    raise ConnectionError(f"Couldn't reach '{dataset_id}' on the Hub (OfflineModeIsEnabled)")
+
+
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_a_hub_id_in_offline_mode_is_one_line_naming_a_path(switch, tmp_path, monkeypatch):
+    from longspec_hf.training import data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv(switch, "1")
+    monkeypatch.setattr(data, "load_hub_dataset", offline_datasets_error)
+    with pytest.raises(ValueError) as err:
+        data.load_texts(["myorg/mydata"])
+    message = one_line(err)
+    assert "neither a local file/folder nor reachable on the Hub in offline mode" in message
+    assert "./myorg/mydata" in message and "OfflineModeIsEnabled" in message
+
+
+def test_offline_mode_fails_at_once_without_the_network(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    # A fresh process, so `datasets` reads the switch; an empty cache, so nothing is found there either.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    script = ("from longspec_hf.training.data import load_texts\n"
+              "try:\n    load_texts(['myorg/mydata'])\nexcept ValueError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "in offline mode (" in out and "OfflineModeIsEnabled" in out  # the switch stopped it, not a network error
+
+
+def test_a_failed_hub_lookup_is_one_line_naming_both_readings(tmp_path, monkeypatch):
+    from longspec_hf.training import data
+
+    def not_found(dataset_id, config, split):
+        raise FileNotFoundError(f"Dataset '{dataset_id}' doesn't exist on the Hub or cannot be accessed.\n(details)")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "load_hub_dataset", not_found)
+    with pytest.raises(ValueError) as err:
+        data.load_texts(["myorg/mydata:cfg@validation"])
+    message = one_line(err)
+    assert "not a local file or folder" in message and "./myorg/mydata:cfg@validation" in message
+    assert message.endswith("failed: Dataset 'myorg/mydata' doesn't exist on the Hub or cannot be accessed.")
+
+
+def test_cli_hub_failure_is_one_line(tmp_path, monkeypatch):
+    from longspec_hf.training import data
+    from longspec_hf_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "load_hub_dataset", offline_datasets_error)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--target", "toy:llama", "--data", "myorg/mydata", "--output-dir", str(tmp_path / "out")])
+    message = str(exit_info.value)
+    assert message.startswith("longspec train: myorg/mydata ") and "./myorg/mydata" in message and "\n" not in message

@@ -9,36 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from longspec_hf_cli import main
 
 __all__ = ["main"]
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field (`seq_len` -> `--seq-len`), typed from the annotation. Flags not given are
-    absent from the namespace (argparse.SUPPRESS), so a recipe's values are only overridden by flags the user typed;
-    the dataclass supplies the defaults."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        required = f.default is MISSING and f.default_factory is MISSING
-        if hint is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f"(default: {f.default})")
-            continue
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
-        if typing.get_origin(base) is list:
-            item = typing.get_args(base)[0]
-            parser.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS)
-        else:
-            default = None if required else (f.default if f.default is not MISSING else None)
-            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -92,13 +67,6 @@ def push_command(args: argparse.Namespace) -> None:
         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
     )
     print(f"pushed {args.draft} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import TrainConfig
-
-    add_dataclass_arguments(parser, TrainConfig)
-    parser.add_argument("--recipe", help="JSON file: {'base': {...options}, 'stages': [{...}, ...]}")
 
 
 if __name__ == "__main__":

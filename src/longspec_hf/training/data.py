@@ -72,12 +72,39 @@ def dataset_column(dataset, text_column: str, name: str) -> list[str]:
     return [t for t in dataset[text_column] if t]
 
 
-def hub_texts(source: str, text_column: str) -> list[str]:
+def load_hub_dataset(dataset_id: str, config: str | None, split: str):
     from datasets import load_dataset
 
+    return load_dataset(dataset_id, config, split=split)
+
+
+def hub_offline() -> bool:
+    """Whether `datasets` is in offline mode: HF_DATASETS_OFFLINE when set, else HF_HUB_OFFLINE (its own rule)."""
+    value = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_failure(source: str, error: Exception, offline: bool) -> str:
+    """One line for a source that is no local path and that the Hub did not give: the user may have meant either."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    if offline:
+        return (f"{source} is neither a local file/folder nor reachable on the Hub in offline mode ({reason}); pass "
+                f"a path (./{source} for a local folder), or unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE to download it.")
+    return (f"{source} is not a local file or folder (check the spelling; write ./{source} for a local path), and "
+            f"loading it from the Hub as a datasets id org/name[:config][@split] failed: {reason}")
+
+
+def hub_texts(source: str, text_column: str) -> list[str]:
     name, _, split = source.partition("@")
     dataset_id, _, config = name.partition(":")
-    dataset = load_dataset(dataset_id, config or None, split=split or "train")
+    try:
+        # Offline, `datasets` still answers from its cache and fails at once when the dataset is not there.
+        dataset = load_hub_dataset(dataset_id, config or None, split or "train")
+    except ModuleNotFoundError:
+        raise  # `datasets` is not installed: the command line names the missing module
+    except Exception as error:  # unreachable, unknown, gated, wrong config or split: the Hub's traceback buries it
+        raise ValueError(hub_failure(source, error, hub_offline())) from None
     return dataset_column(dataset, text_column, source)
 
 

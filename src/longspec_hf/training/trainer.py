@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,52 +20,10 @@ from tqdm.auto import tqdm
 
 from ..modeling import LongSpecDraftModel
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from .config import TrainConfig
 from .data import load_texts, pack
 from .objective import draft_loss
 from .positions import anchor_offset_positions
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; `longspec train` maps its flags one to one onto these fields."""
-
-    target: str
-    data: list[str]
-    output_dir: str
-    gguf_file: str | None = None
-    tokenizer: str | None = None
-    text_column: str = "text"
-    seq_len: int = 512
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_steps: int = 100
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # Distillation gave the higher tau in the CE-vs-KL comparison on SmolLM2-135M (see the shipped draft's card).
-    loss: str = "distill"
-    lag_min: int = 1
-    lag_max: int = 4
-    sink_size: int = 4
-    window_size: int = 512
-    max_anchor: int = 4
-    long_threshold: int = 1200
-    dtype: str = "fp32"
-    seed: int = 0
-    save_every: int = 0
-    overwrite: bool = False
-    resume: bool = False
-    init_draft: str | None = None
-    tree_shape: list[int] = field(default_factory=lambda: [4, 16, 16, 16, 16])
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown training options {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**values)
 
 
 def load_target(config: TrainConfig):
