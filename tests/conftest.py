@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -21,6 +22,20 @@ from transformers import (
 )
 
 from longspec_hf import Drafter, DraftState, build_beam_tree
+from longspec_hf.cost_model import CostModel
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cost_cache(tmp_path_factory):
+    """tree_shape="auto" keeps its device measurements under the user's cache folder: the tests use their own."""
+    folder = tmp_path_factory.mktemp("longspec_hf_cache")
+    saved = os.environ.get("LONGSPEC_HF_CACHE")
+    os.environ["LONGSPEC_HF_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("LONGSPEC_HF_CACHE", None)
+    else:
+        os.environ["LONGSPEC_HF_CACHE"] = saved
 
 VOCAB = 96
 COMMON = dict(
@@ -97,7 +112,8 @@ class OracleDrafter(Drafter):
 
     def __init__(self, target, references, tree_shape, corrupt_every: int = 0, seed: int = 0):
         self.config = target.config
-        self.generation_config = GenerationConfig(tree_shape=list(tree_shape))
+        self.generation_config = GenerationConfig(tree_shape=tree_shape if isinstance(tree_shape, str)
+                                                  else list(tree_shape))
         if isinstance(references, torch.Tensor):
             references = list(references)
         self.references = [r.flatten() for r in references]
@@ -137,3 +153,42 @@ class OracleDrafter(Drafter):
 
     def select_rows(self, state, rows) -> None:
         state.extra["rows"] = [state.extra["rows"][i] for i in rows.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tree_shape="auto" on a device of known costs
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 129)
+
+
+class FrozenCost(CostModel):
+    """A device whose costs are given (no measurement, no learning): the planner's decisions are deterministic."""
+
+    def __init__(self, verify, draft, rest=lambda n: 0.0):
+        super().__init__()
+        for size in SIZES:
+            self.samples.setdefault("verify/1", []).append([1000.0, size, verify(size), 1.0])
+            self.samples.setdefault("draft/1", []).append([1000.0, min(size, 16), draft(min(size, 16)), 1.0])
+            self.samples.setdefault("rest/1", []).append([1000.0, size, rest(size), 1.0])
+
+    def add(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def device_costs(monkeypatch):
+    """Install a FrozenCost for every generate() call of the test."""
+    import longspec_hf.auto_tree as auto_tree
+    import longspec_hf.generation as generation
+
+    def install(verify, draft):
+        model = FrozenCost(verify, draft)
+        monkeypatch.setattr(generation, "cost_model_for", lambda target, drafter: model)
+        monkeypatch.setattr(auto_tree.AutoTree, "measure", lambda self, *args: 0.0)
+        return model
+
+    return install
+
+
+GPU_LIKE = dict(verify=lambda n: 1.0 + 0.001 * n, draft=lambda m: 0.05)  # 129 nodes cost ~ one step
+CPU_LIKE = dict(verify=lambda n: 1.0 + 0.5 * (n - 1), draft=lambda m: 0.3 * m)  # every node costs half a step

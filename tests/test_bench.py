@@ -121,7 +121,7 @@ def test_unavailable_methods_are_skipped_with_a_reason(corpus):
     result = run_bench(target, word_tokenizer(), methods, [Workload("code", str(corpus), "completion")],
                        BenchSettings([32], 4, 1, warmup=False), progress=False)
     reasons = {s["method"]: s["reason"] for s in result["skipped"]}
-    assert set(reasons) == {"early_exit", "longspec_chain", "longspec_tree"}
+    assert set(reasons) == {"early_exit", "longspec_auto", "longspec_chain", "longspec_tree"}
     assert "--draft" in reasons["longspec_tree"] and "2-layer" in reasons["early_exit"]
     assert "Skipped longspec_chain" in markdown_table(result)
 

@@ -22,8 +22,8 @@ from longspec_hf import LongSpecDraftModel
 from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_checkpoint
 from longspec_hf.cli import main as cli
 
-CORE_MODULES = {"attention", "cache", "cards", "checkpoints", "compat", "configuration", "drafting", "generation",
-                "hook", "hub", "modeling", "specpv", "timing", "tree", "verify"}
+CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "configuration",
+                "cost_model", "drafting", "generation", "hook", "hub", "modeling", "specpv", "timing", "tree", "verify"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:
@@ -341,14 +341,15 @@ def test_longspec_push_uses_the_folder_card(tmp_path, fake_hub):
 # plain transformers: custom_generate/ without longspec-hf
 
 
-def test_custom_generate_folder_matches_assistant_model_without_the_package(tmp_path):
+@pytest.mark.parametrize("tree_shape", [[2, 2, 2], "auto"])
+def test_custom_generate_folder_matches_assistant_model_without_the_package(tmp_path, tree_shape):
     """A fresh interpreter that never imports longspec_hf runs target.generate(custom_generate=<folder>) and gets the
     same tokens as generate(assistant_model=draft), through the speculative loop (the draft's stats prove it ran)."""
     from longspec_hf.hub import write_custom_generate
 
     target = tiny_target("qwen2")
     draft = trained_like_draft("qwen2", window_size=16)
-    draft.generation_config.tree_shape = [2, 2, 2]
+    draft.generation_config.tree_shape = tree_shape
     target.save_pretrained(tmp_path / "target")
     draft.save_pretrained(tmp_path / "draft")
     write_custom_generate(tmp_path / "draft" / "custom_generate", str(tmp_path / "draft"))

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import FAMILIES, OracleDrafter, random_prompt, tiny_target
+from conftest import FAMILIES, GPU_LIKE, OracleDrafter, random_prompt, tiny_target
 from transformers import GenerationConfig
 
 import longspec_hf.generation as generation
@@ -92,6 +92,14 @@ def test_sampling_matches_the_target_distribution(family, mode):
     target = small_vocab_target(family)
     samples, accepted = sample_last_two(target, fresh_draft(target, MODES[mode]), 1.0)
     assert accepted > SAMPLES // 20  # draft tokens were really accepted, not only bonus tokens
+    assert chi_square_p_value(samples, exact_last_two(target, PROMPT, 1.0)) > SIGNIFICANCE
+
+
+def test_sampling_with_auto_trees_matches_the_target_distribution(family, device_costs):
+    device_costs(**GPU_LIKE)  # verification about as cheap as a step: "auto" drafts wide, deep trees
+    target = small_vocab_target(family)
+    samples, accepted = sample_last_two(target, fresh_draft(target, "auto"), 1.0)
+    assert accepted > SAMPLES // 20
     assert chi_square_p_value(samples, exact_last_two(target, PROMPT, 1.0)) > SIGNIFICANCE
 
 

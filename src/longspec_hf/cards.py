@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .tree import tree_setting_text
+
 DRAFT_TEMPLATE = "longspec_draft.md"
 # What the usage snippet names when the repository is not known yet; `longspec push` replaces it.
 REPO_PLACEHOLDER = "<this repo>"
@@ -51,7 +53,7 @@ def draft_card(
         repo_id=repo_id or REPO_PLACEHOLDER,
         sink_size=config.sink_size,
         window_size=config.window_size,
-        tree_shape=list(draft.generation_config.tree_shape),
+        tree_shape=tree_setting_text(getattr(draft.generation_config, "tree_shape", None)),
         training_recipe=training_recipe,
         results_table=results_table,
     )

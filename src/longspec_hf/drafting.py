@@ -55,6 +55,12 @@ class Drafter:
         """Keep only `rows` of the batch (finished rows are dropped)."""
         raise NotImplementedError
 
+    def discard(self, state: DraftState) -> None:
+        """Drop a drafted tree without committing anything (a tree drafted only to time the draft)."""
+        end = getattr(state.cache, "end_speculation", None)
+        if end is not None:
+            end(None)
+
 
 def is_drafter(model: Any) -> bool:
     return getattr(model, "is_longspec_drafter", False) is True

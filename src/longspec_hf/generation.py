@@ -25,12 +25,14 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from .acceptance import AcceptanceModel
+from .auto_tree import AutoTree, cost_model_for
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
 from .drafting import Drafter
 from .specpv import PartialVerifier, SpecPVConfig
 from .timing import RoundTimer
-from .tree import validate_tree_shape
+from .tree import AUTO, setting_envelope, tree_setting
 from .verify import TargetState, accept_greedy, accept_path, compact, row_of_batch, verify_tree
 
 
@@ -49,6 +51,11 @@ class SpeculativeStats:
         full_verifications / partial_verifications: rounds of each kind under SpecPV (all rounds are full without).
         timings: seconds per part of the rounds ("draft", "verify", "accept", "commit"), summed over the call; only
             filled when ``draft.generation_config.profile_rounds`` is True (timing synchronises the device).
+        tree_shapes: under ``tree_shape="auto"``, how many rounds used each tree (level widths "1,1,1"; "none": the
+            root only, a plain decode step).
+        predicted_accepted: under "auto", the accepted draft tokens the acceptance model expected, summed over
+            rounds (compare with `accepted_tokens` for its calibration).
+        measure_seconds: under "auto", seconds spent timing forwards for the cost model (first use at a context).
     """
 
     rounds: int = 0
@@ -60,6 +67,9 @@ class SpeculativeStats:
     full_verifications: int = 0
     partial_verifications: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    tree_shapes: dict[str, int] = field(default_factory=dict)
+    predicted_accepted: float = 0.0
+    measure_seconds: float = 0.0
 
     @property
     def tau(self) -> float:
@@ -219,7 +229,7 @@ def speculative_generate(
     input_ids = input_ids.to(target.device)
     mask = validate_inputs(target, input_ids, generation_config, model_kwargs, streamer)
     drafter.bind(target)
-    tree_shape = validate_tree_shape(getattr(drafter.generation_config, "tree_shape", None) or [1])
+    setting = tree_setting(getattr(drafter.generation_config, "tree_shape", None))
     attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
     specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     partial = None if specpv is None else PartialVerifier(specpv)
@@ -229,6 +239,8 @@ def speculative_generate(
     host_stop = host_stopping(stopping_criteria)
     stats = SpeculativeStats()
     drafter.stats = stats
+    auto = None if setting != AUTO else AutoTree(cost_model_for(target, drafter), call_acceptance(drafter),
+                                                  target.device, stats)
     timer = RoundTimer(target.device, stats.timings if getattr(drafter.generation_config, "profile_rounds", False)
                        else None)
     max_length = generation_config.max_length
@@ -238,7 +250,7 @@ def speculative_generate(
     #    into a cache preallocated for the whole generation; the draft fills its constant-size cache
     user_cache = prompt_cache(model_kwargs)
     cached = 0 if user_cache is None else user_cache.get_seq_length()
-    cache = target_cache(target, user_cache if cached else None, max_length, tree_shape)
+    cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting))
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
     else:
@@ -271,14 +283,21 @@ def speculative_generate(
         streamer.put(sequences[0][:, -1:].cpu())
     if len(active) < batch:
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
+    if auto is not None and active:
+        roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
+        stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend, verify_tree)
 
     while active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
         root_positions = state.next_positions
-        # 3. draft a tree per row, no deeper than the tokens any row may still produce
+        # 3. draft a tree per row, no deeper than the tokens any row may still produce ("auto" decides each level)
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
+        if auto is None:
+            shape = setting[: max(room, 0)]
+        else:
+            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room)
         with timer("draft"):
-            tree = drafter.draft(draft_state, roots, root_positions, state, tree_shape[: max(room, 0)])
+            tree = drafter.draft(draft_state, roots, root_positions, state, shape)
         # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
         with timer("verify"):
             if partial is None:
@@ -297,6 +316,8 @@ def speculative_generate(
                                                row_of_batch(logits_processor, batch, b), select)
                     paths.append(path)
                     new_tokens.append(tokens)
+        if auto is not None:
+            auto.verified()
         with timer("commit"):
             new_valid = compact(state, paths)
             # The committed tokens of a row: its root and the accepted tokens (the bonus is the next root).
@@ -305,6 +326,8 @@ def speculative_generate(
                                       for b, tokens in zip(active, new_tokens, strict=True)],
                                      device=input_ids.device)  # [A, 1 + max_k]
             drafter.commit(draft_state, committed, new_valid, root_positions)
+        if auto is not None:
+            auto.end_round(tree, paths, new_tokens)
         if partial is not None:
             partial.record(committed)
             stats.full_verifications += partial.last_round_full
@@ -333,6 +356,8 @@ def speculative_generate(
 
     if streamer is not None:
         streamer.end()
+    if auto is not None:
+        auto.finish()
     output = pad_sequences(sequences, resolve_pad_token_id(generation_config))
     if not generation_config.return_dict_in_generate:
         return output
@@ -348,6 +373,18 @@ def speculative_generate(
 
 def is_plain_dynamic(cache) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def call_acceptance(drafter: Drafter) -> AcceptanceModel:
+    """The drafter's acceptance model, carried over from its previous call with its evidence halved (a new call may
+    read other text; the draft's calibration mostly carries over)."""
+    model = getattr(drafter, "_auto_acceptance", None)
+    if model is None:
+        model = AcceptanceModel()
+        drafter._auto_acceptance = model
+    else:
+        model.forget(0.5)
+    return model
 
 
 def target_cache(target: PreTrainedModel, prompt: DynamicCache | None, max_length: int,

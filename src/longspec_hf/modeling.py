@@ -42,7 +42,15 @@ from .checkpoints import (
 )
 from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
-from .tree import DEFAULT_TREE_SHAPE, DraftTree, build_beam_tree, tree_attention_bias, validate_tree_shape
+from .tree import (
+    AUTO,
+    DraftTree,
+    TreeGrowth,
+    build_beam_tree,
+    setting_envelope,
+    tree_attention_bias,
+    tree_envelope,
+)
 
 
 class RMSNorm(nn.Module):
@@ -196,8 +204,10 @@ def find_rotary_embedding(target: PreTrainedModel) -> nn.Module | None:
 class LongSpecDraftModel(Drafter, PreTrainedModel):
     """One-layer LongSpec draft. Use it as ``target.generate(input_ids, assistant_model=draft)``.
 
-    Tree settings live on ``draft.generation_config`` (``tree_shape``, default ``[4, 16, 16, 16, 16]``; a chain of
-    ``k`` draft tokens is ``[1] * k``). After each ``generate`` call, ``draft.stats`` holds the decoding statistics.
+    Tree settings live on ``draft.generation_config``: ``tree_shape`` is ``"auto"`` by default (each round grows
+    the tree that pays most on this device, see :class:`~longspec_hf.auto_tree.AutoTree`) or fixed level widths
+    (the official beam tree ``[4, 16, 16, 16, 16]``; a chain of ``k`` draft tokens is ``[1] * k``). After each
+    ``generate`` call, ``draft.stats`` holds the decoding statistics.
     """
 
     config_class = LongSpecDraftConfig
@@ -213,7 +223,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         self.cross_attn = DraftAttention(config)  # k/v projections exist in the official layout but are unused
         self.post_cross_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
-        self.generation_config = GenerationConfig(tree_shape=list(DEFAULT_TREE_SHAPE))
+        self.generation_config = GenerationConfig(tree_shape=AUTO)
         self._bound: BoundTarget | None = None
         # Set by from_target (random weights); cleared once the draft is trained or given weights.
         self._untrained = False
@@ -464,8 +474,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         and the committed tokens the window rule needs for ``generation_config.tree_shape``."""
         n = input_ids.shape[1]
         sink = self.config.sink_size
-        tree_shape = validate_tree_shape(getattr(self.generation_config, "tree_shape", None) or [1])
-        window = WindowRule.of(self.config, tree_shape).committed_kept
+        envelope = setting_envelope(getattr(self.generation_config, "tree_shape", None))
+        window = WindowRule.of(self.config, envelope).committed_kept
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.bool())  # [B, n]
         src, kept = sink_window_slots(valid, sink, window)  # [B, C]
@@ -477,12 +487,13 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         return DraftState(cache=cache)
 
     def draft(self, state: DraftState, root_tokens: torch.Tensor, root_positions: torch.Tensor, target_state,
-              tree_shape: tuple[int, ...]) -> DraftTree:
+              tree_shape: tuple[int, ...] | TreeGrowth) -> DraftTree:
         cache: SinkWindowCache = state.cache
-        rule = WindowRule.of(self.config, tree_shape)
+        rule = WindowRule.of(self.config, tree_envelope(tree_shape))
         if rule.committed_kept > cache.window_size:
             raise ValueError(
-                f"tree_shape {list(tree_shape)} needs the draft's cache to keep {rule.committed_kept} committed tokens "
+                f"tree_shape {list(tree_envelope(tree_shape))} needs the draft's cache to keep {rule.committed_kept} "
+                "committed tokens "
                 f"under the {self.config.window_rule!r} window rule, but start() kept {cache.window_size} (it sizes "
                 "the cache for draft.generation_config.tree_shape): set that before generating."
             )

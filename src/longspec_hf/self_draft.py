@@ -17,21 +17,22 @@ from transformers import GenerationConfig, PreTrainedModel
 from .cache import SinkWindowCache, gather_slots, sink_window_slots
 from .compat import cache_kwarg
 from .drafting import Drafter, DraftState
-from .tree import DraftTree, build_beam_tree, tree_attention_bias
+from .tree import AUTO, DraftTree, TreeGrowth, build_beam_tree, tree_attention_bias
 from .verify import SLIDING, layer_attention_types
 
-DEFAULT_SELF_DRAFT_TREE = (1, 1, 1, 1)
+DEFAULT_SELF_DRAFT_TREE = AUTO
 
 
 class SelfDraft(Drafter):
     """The target as its own draft over a sink + window cache. Use it as ``target.generate(ids, assistant_model=d)``.
 
-    Tree settings live on ``draft.generation_config`` (``tree_shape``, default a chain of 4); after each call,
+    Tree settings live on ``draft.generation_config`` (``tree_shape``: ``"auto"`` by default, or fixed level widths
+    such as a chain of 4, ``[1, 1, 1, 1]``); after each call,
     ``draft.stats`` holds the decoding statistics. The draft is tied to the target it was made from.
     """
 
     def __init__(self, target: PreTrainedModel, sink_size: int = 4, window_size: int = 512,
-                 tree_shape: tuple[int, ...] = DEFAULT_SELF_DRAFT_TREE):
+                 tree_shape: tuple[int, ...] | str = DEFAULT_SELF_DRAFT_TREE):
         from .modeling import check_supported_target
 
         if sink_size < 0 or window_size < 1:
@@ -43,7 +44,8 @@ class SelfDraft(Drafter):
             sink_size, window_size = 0, max(sliding_window - 1, 1)
         self.target = target
         self.sink_size, self.window_size = sink_size, window_size
-        self.generation_config = GenerationConfig(tree_shape=list(tree_shape))
+        self.generation_config = GenerationConfig(tree_shape=tree_shape if isinstance(tree_shape, str)
+                                                  else list(tree_shape))
         self.stats = None
 
     @classmethod
@@ -82,7 +84,7 @@ class SelfDraft(Drafter):
         return DraftState(cache=cache, extra={"target_cache": source})
 
     def draft(self, state: DraftState, root_tokens: torch.Tensor, root_positions: torch.Tensor, target_state,
-              tree_shape: tuple[int, ...]) -> DraftTree:
+              tree_shape: tuple[int, ...] | TreeGrowth) -> DraftTree:
         cache: SinkWindowCache = state.cache
         valid = cache.layers[0].valid
         if valid is None:

@@ -15,10 +15,15 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+# `tree_shape="auto"`: each round grows the tree that maximises expected tokens per second (see auto_tree.py).
+AUTO = "auto"
+# The largest tree "auto" may grow: depth 8 covers the chains a confident draft pays for, width 16 the official beam.
+AUTO_ENVELOPE = (16,) * 8
 
 
 @dataclass
@@ -77,10 +82,51 @@ def validate_tree_shape(tree_shape: Sequence[int] | str) -> tuple[int, ...]:
         widths = [None]
     if any(k is None or k < 1 for k in widths):
         raise ValueError(
-            f"tree_shape must be positive level widths: a list such as [4, 16, 16] (a chain of k tokens is [1] * k) "
-            f"or the same as a string, '4,16,16'; got {tree_shape!r}."
+            f"tree_shape must be positive level widths: a list such as [4, 16, 16] (a chain of k tokens is [1] * k), "
+            f"the same as a string, '4,16,16', or 'auto'; got {tree_shape!r}."
         )
     return tuple(widths)
+
+
+def tree_setting(value) -> tuple[int, ...] | str:
+    """A drafter's ``generation_config.tree_shape``: fixed level widths, or ``"auto"`` (also what an unset one
+    means)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return AUTO
+    return validate_tree_shape(value)
+
+
+def tree_setting_text(value) -> str:
+    """How a ``tree_shape`` setting reads in cards and reports: ``auto`` or ``[4, 16, 16]``."""
+    setting = tree_setting(value)
+    return setting if setting == AUTO else str(list(setting))
+
+
+def setting_envelope(value) -> tuple[int, ...]:
+    """The largest tree a ``tree_shape`` setting may draft in a round (what a drafter sizes its caches for)."""
+    setting = tree_setting(value)
+    return AUTO_ENVELOPE if setting == AUTO else setting
+
+
+class TreeGrowth(Protocol):
+    """Decides a tree's level widths while it is drafted, from the draft's own probabilities (see
+    :class:`~longspec_hf.auto_tree.AutoTree`). Any tree is verified exactly, so no decision can change the output."""
+
+    envelope: tuple[int, ...]  # the largest tree it may grow (sizes caches and window rules); widths are its maxima
+
+    def expand(self, depth: int, width: int) -> bool:
+        """Before the draft forward over the `width` nodes at `depth`: run it (and see the next level's candidates)?"""
+
+    def choose(self, depth: int, parent_local: torch.Tensor, child_logprobs: torch.Tensor,
+               level_logprobs: torch.Tensor) -> int:
+        """How many of the next level's candidates to keep (0 ends the tree at `depth`). Candidates come in beam order:
+        `parent_local [B, K]`, their conditional `child_logprobs [B, K]`; `level_logprobs [B, m, V]` is the draft's
+        distribution at each node of the level."""
+
+
+def tree_envelope(tree_shape: Sequence[int] | TreeGrowth) -> tuple[int, ...]:
+    """The largest tree a round may draft: the shape itself, or a growth's envelope."""
+    return tuple(getattr(tree_shape, "envelope", tree_shape))
 
 
 def tree_attention_bias(ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,7 +165,7 @@ DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def build_beam_tree(
-    step: DraftStep, root_tokens: torch.Tensor, root_positions: torch.Tensor, tree_shape: Sequence[int]
+    step: DraftStep, root_tokens: torch.Tensor, root_positions: torch.Tensor, tree_shape: Sequence[int] | TreeGrowth
 ) -> DraftTree:
     """Grow a beam tree per row with one draft forward per level.
 
@@ -129,12 +175,15 @@ def build_beam_tree(
             (themselves included), which the draft appends to whatever committed cache it attends to.
         root_tokens: `[B]` the roots' token ids.
         root_positions: `[B]` absolute positions of the roots.
-        tree_shape: widths of levels 1..L.
+        tree_shape: widths of levels 1..L, or a :class:`TreeGrowth` that picks each width (up to its envelope's)
+            after seeing the level's candidates, and may stop early.
     """
+    growth = None if isinstance(tree_shape, Sequence) else tree_shape
+    widths = tree_envelope(tree_shape)
     device = root_tokens.device
     batch = root_tokens.shape[0]
     rows = torch.arange(batch, device=device)[:, None]
-    max_nodes = 1 + sum(tree_shape)
+    max_nodes = 1 + sum(widths)
     ancestors = torch.zeros(batch, max_nodes, max_nodes, dtype=torch.bool, device=device)
     ancestors[:, 0, 0] = True
     tokens, parents = [root_tokens[:, None]], [torch.full((batch, 1), -1, device=device)]
@@ -142,12 +191,21 @@ def build_beam_tree(
     depths = [torch.zeros(1, dtype=torch.long, device=device)]
     scores = torch.zeros(batch, 1, device=device)
     level_start, n = 0, 1
-    for depth, width in enumerate(tree_shape):
+    for depth, width in enumerate(widths):
+        if growth is not None and not growth.expand(depth, n - level_start):
+            break
         positions = (root_positions + depth)[:, None].expand_as(tokens[-1])
         bias = tree_attention_bias(ancestors[:, level_start:n, :n], torch.float32)
         logits = step(tokens[-1], positions, bias)  # [B, m, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        parent_local, child_tokens, scores, child_logprobs = top_children(logprobs, scores, width, depth == 0)
+        parent_local, child_tokens, child_scores, child_logprobs = top_children(logprobs, scores, width, depth == 0)
+        if growth is not None:
+            k = growth.choose(depth, parent_local, child_logprobs, logprobs)
+            if k == 0:
+                break
+            parent_local, child_tokens = parent_local[:, :k], child_tokens[:, :k]
+            child_scores, child_logprobs = child_scores[:, :k], child_logprobs[:, :k]
+        scores = child_scores
         k = child_tokens.shape[1]
         parent_global = parent_local + level_start  # [B, k]
         ancestors[:, n : n + k] = ancestors[rows, parent_global]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from longspec_hf_cli import add_bench_arguments, parse_tree
+from longspec_hf_cli import add_bench_arguments, parse_bench_tree
 
-__all__ = ["add_bench_arguments", "bench_cli", "parse_tree"]
+__all__ = ["add_bench_arguments", "bench_cli", "parse_bench_tree"]
 
 
 def bench_cli(args: argparse.Namespace) -> dict:
@@ -23,7 +23,7 @@ def bench_cli(args: argparse.Namespace) -> dict:
         draft = load_draft(args.draft, target)
         draft.generation_config.tree_attn_backend = args.attn_backend
     trees = dict(args.tree) if args.tree else None
-    self_tree = None if args.self_draft_tree.lower() == "none" else parse_tree(f"x={args.self_draft_tree}")[1]
+    self_tree = None if args.self_draft_tree.lower() == "none" else parse_bench_tree(f"x={args.self_draft_tree}")[1]
     # Compiling is the choice on a GPU; on a CPU it takes minutes per context length, so it is asked for there.
     compiled = args.compiled if args.compiled is not None else device.type == "cuda"
     methods = default_methods(target, draft, trees, args.early_exit_layer, args.prompt_lookup_tokens, self_tree,

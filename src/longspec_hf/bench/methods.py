@@ -16,6 +16,7 @@ import torch
 
 from ..cache import kv_bytes
 from ..compat import cache_kwarg
+from ..tree import AUTO, tree_setting
 
 BASELINE = "autoregressive"
 
@@ -27,6 +28,7 @@ class MethodOutput:
     sequences: torch.LongTensor
     draft_cache_bytes: int | None = None
     target_forwards: int | None = None  # None: counted by a hook on the target's last decoder layer
+    tree_shapes: dict[str, int] | None = None  # under tree_shape="auto": rounds per tree chosen
 
 
 @dataclass
@@ -149,10 +151,12 @@ def early_exit(target, layer: int | None = None) -> Method:
                   settings={"assistant_early_exit": layer})
 
 
-def speculative(draft, tree_shape: list[int] | None, name: str, specpv: dict | None = None) -> Method:
-    """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own) and,
-    optionally, SpecPV partial verification settings (approximate: its `identical` column may say no)."""
-    shape = list(tree_shape) if tree_shape else list(draft.generation_config.tree_shape)
+def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: dict | None = None) -> Method:
+    """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own; "auto":
+    chosen per round) and, optionally, SpecPV partial verification settings (approximate: its `identical` column may
+    say no)."""
+    setting = tree_setting(tree_shape if tree_shape else getattr(draft.generation_config, "tree_shape", None))
+    shape = setting if setting == AUTO else list(setting)
 
     def generate(target, input_ids, cache, max_new_tokens):
         config = draft.generation_config
@@ -164,20 +168,23 @@ def speculative(draft, tree_shape: list[int] | None, name: str, specpv: dict | N
             config.tree_shape, config.specpv = saved
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
         stats = draft.stats
-        return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1)
+        return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1,
+                            tree_shapes=dict(stats.tree_shapes) or None)
 
     settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {})}
-    return Method(name, generate, settings=settings)
+    # "auto" times a few forwards the first time it meets a context length (then reuses them): warm up per context,
+    # so the timed calls show its steady state; the measuring cost is reported by the decode loop's stats.
+    return Method(name, generate, settings=settings, warmup="per_context" if shape == AUTO else "once")
 
 
-def longspec(draft, tree_shape: list[int] | None, name: str = "longspec", specpv: dict | None = None) -> Method:
+def longspec(draft, tree_shape: list[int] | str | None, name: str = "longspec", specpv: dict | None = None) -> Method:
     """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
     if draft is None:
         return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
     return speculative(draft, tree_shape, name, specpv)
 
 
-def self_draft(target, tree_shape: list[int] | None = None, sink_size: int = 4, window_size: int = 512,
+def self_draft(target, tree_shape: list[int] | str | None = None, sink_size: int = 4, window_size: int = 512,
                name: str = "self_draft", specpv: dict | None = None, attn_backend: str = "auto") -> Method:
     """The training-free self-speculative draft (the target over a sink + window view of its KV cache)."""
     from ..self_draft import SelfDraft
@@ -197,27 +204,29 @@ def specpv_settings(budget_tokens: int, block_size: int = 16) -> dict:
     return {"block_size": block_size, "retrieval_blocks": max(budget_tokens // block_size, 0)}
 
 
-def default_methods(target, draft=None, trees: dict[str, list[int]] | None = None, early_exit_layer: int | None = None,
-                    prompt_lookup_tokens: int = 10, self_draft_tree: list[int] | None = (1, 1, 1, 1),
+def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None = None,
+                    early_exit_layer: int | None = None, prompt_lookup_tokens: int = 10,
+                    self_draft_tree: list[int] | str | None = AUTO,
                     self_draft_window: int = 512, specpv_budgets: list[int] = (),
                     attn_backend: str = "auto", compiled: bool = False) -> list[Method]:
     """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
     LongSpec per tree shape (name -> shape), the self-speculative draft (unless `self_draft_tree` is None), and per
     SpecPV budget (tokens) the first LongSpec tree with partial verification (the self-draft's when there is no
     LongSpec draft)."""
-    trees = trees if trees is not None else {"longspec_chain": [1, 1, 1], "longspec_tree": [4, 16, 16, 16, 16]}
+    trees = trees if trees is not None else {"longspec_auto": AUTO, "longspec_chain": [1, 1, 1],
+                                             "longspec_tree": [4, 16, 16, 16, 16]}
     methods = [autoregressive()] + ([compiled_static(target)] if compiled else [])
     methods += [prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
     methods += [longspec(draft, shape, name) for name, shape in trees.items()]
     if self_draft_tree is not None:
-        methods.append(self_draft(target, list(self_draft_tree), window_size=self_draft_window,
+        methods.append(self_draft(target, self_draft_tree, window_size=self_draft_window,
                                   attn_backend=attn_backend))
     for budget in specpv_budgets:
         if draft is not None and trees:
             name, shape = next(iter(trees.items()))
             methods.append(longspec(draft, shape, f"{name}_pv{budget}", specpv_settings(budget)))
         else:
-            methods.append(self_draft(target, list(self_draft_tree or (1, 1, 1, 1)), window_size=self_draft_window,
+            methods.append(self_draft(target, self_draft_tree or AUTO, window_size=self_draft_window,
                                       name=f"self_draft_pv{budget}", specpv=specpv_settings(budget),
                                       attn_backend=attn_backend))
     return methods

@@ -30,6 +30,11 @@ def markdown_table(result: dict) -> str:
             f"| {e['median']:.2f} | {mib(row['peak_memory_bytes'])} | {mib(row['draft_cache_bytes'])} "
             f"| {'yes' if row['identical'] else 'NO'} | {100 * row.get('agreement', 1.0):.0f} |"
         )
+    chosen = [row for row in result["summary"] if row.get("tree_shapes")]
+    if chosen:
+        lines += ["", "Trees chosen by `tree_shape=\"auto\"` (level widths: rounds; none = a plain step):"]
+        lines += [f"- {row['workload']} {row['context']} {row['method']}: "
+                  + ", ".join(f"{name}: {n}" for name, n in list(row["tree_shapes"].items())[:6]) for row in chosen]
     for skip in result["skipped"]:
         lines.append(f"\nSkipped {skip['method']}: {skip['reason']}.")
     return "\n".join(lines)

@@ -101,6 +101,7 @@ def run_method(target, method: Method, input_ids, prompt_cache, prefill_seconds:
         "target_forwards": forwards["forwards"] if output.target_forwards is None else output.target_forwards,
         "peak_memory_bytes": memory["peak_bytes"],
         "draft_cache_bytes": draft_bytes,
+        **({"tree_shapes": output.tree_shapes} if output.tree_shapes else {}),
     }
 
 
@@ -212,5 +213,15 @@ def summarize(runs: list[dict]) -> list[dict]:
             "identical": all(r["identical"] for r in group),
             "agreement": statistics.mean(r["agreement"] for r in group),
             "decode_timing": group[0]["decode_timing"],
+            **({"tree_shapes": shapes} if (shapes := merged_counts(r.get("tree_shapes") for r in group)) else {}),
         })
     return rows
+
+
+def merged_counts(counts) -> dict[str, int]:
+    """Rounds per tree shape summed over prompts, most used first."""
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, n in (count or {}).items():
+            total[name] = total.get(name, 0) + n
+    return dict(sorted(total.items(), key=lambda item: -item[1]))

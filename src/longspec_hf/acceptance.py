@@ -1,0 +1,91 @@
+"""How likely the target is to accept a draft token, from the draft's own confidence (for ``tree_shape="auto"``).
+
+EAGLE-2's observation: a draft's probability of a token predicts whether the target accepts it. The model here is
+a calibration of that probability, learned online from the rounds of the current call:
+
+* ``h(q)``: the probability that the target's next token is a drafted child whose conditional draft probability is
+  `q`, given that its parent was accepted. Binned on `q`, starting from the prior ``h(q) = q`` (worth a few
+  observations per bin) and made non-decreasing (a more confident token is never predicted to be accepted less).
+* a node's acceptance probability is the product of ``h`` along its path (acceptances at successive depths are taken
+  as independent, as Sequoia does), so the expected accepted tokens of a tree is the sum over its nodes.
+* ``rank_rate(r)``: how often the draft's `r`-th most likely child (0-based) is the target's token, used to predict
+  a level before it is drafted.
+
+Every candidate child of an accepted node is an observation, drafted into the tree or not: its token either is or
+is not the token the target emitted after that node.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+# Bin edges on the draft's conditional probability q: fine near 0 and 1, where most tokens fall.
+EDGES = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
+PRIOR_WEIGHT = 3.0  # pseudo-observations of the prior per bin
+RANK_PRIOR = (0.35, 0.08, 0.04, 0.02)  # rank-r rates before any observation (ranks beyond: the last value)
+
+
+class AcceptanceModel:
+    """Calibrated acceptance of draft tokens; cheap host arithmetic, updated once per round."""
+
+    def __init__(self, ranks: int = 16):
+        centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
+        self.hits = [PRIOR_WEIGHT * c for c in centers]
+        self.trials = [PRIOR_WEIGHT] * len(centers)
+        self.rank_hits = [PRIOR_WEIGHT * RANK_PRIOR[min(r, len(RANK_PRIOR) - 1)] for r in range(ranks)]
+        self.rank_trials = [PRIOR_WEIGHT] * ranks
+        self._table: list[float] | None = None
+
+    def observe(self, probabilities: Sequence[float], accepted: Sequence[bool]) -> None:
+        """Candidate children of one accepted node, in the draft's rank order: their draft probabilities and which
+        one (if any) is the target's token."""
+        for rank, (q, hit) in enumerate(zip(probabilities, accepted, strict=True)):
+            b = bin_of(q)
+            self.hits[b] += hit
+            self.trials[b] += 1
+            if rank < len(self.rank_hits):
+                self.rank_hits[rank] += hit
+                self.rank_trials[rank] += 1
+        self._table = None
+
+    def forget(self, keep: float = 0.5) -> None:
+        """Shrink the evidence towards the prior (a new call may read other text), keeping its shape."""
+        centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
+        for b, c in enumerate(centers):
+            self.hits[b] = PRIOR_WEIGHT * c + keep * (self.hits[b] - PRIOR_WEIGHT * c)
+            self.trials[b] = PRIOR_WEIGHT + keep * (self.trials[b] - PRIOR_WEIGHT)
+        for r in range(len(self.rank_hits)):
+            prior = PRIOR_WEIGHT * RANK_PRIOR[min(r, len(RANK_PRIOR) - 1)]
+            self.rank_hits[r] = prior + keep * (self.rank_hits[r] - prior)
+            self.rank_trials[r] = PRIOR_WEIGHT + keep * (self.rank_trials[r] - PRIOR_WEIGHT)
+        self._table = None
+
+    def table(self) -> list[float]:
+        """Calibrated acceptance per bin, made non-decreasing by pooling adjacent violators."""
+        if self._table is None:
+            self._table = monotone([h / t for h, t in zip(self.hits, self.trials, strict=True)], self.trials)
+        return self._table
+
+    def h(self, q: float) -> float:
+        return self.table()[bin_of(q)]
+
+    def rank_rate(self, rank: int) -> float:
+        rank = min(rank, len(self.rank_hits) - 1)
+        return self.rank_hits[rank] / self.rank_trials[rank]
+
+
+def bin_of(q: float) -> int:
+    return min(max(bisect.bisect_right(EDGES, q) - 1, 0), len(EDGES) - 2)
+
+
+def monotone(values: list[float], weights: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [mean for mean, _, count in blocks for _ in range(int(count))]

@@ -1,0 +1,283 @@
+"""``tree_shape="auto"``: per round, the tree that maximises expected tokens per second on this device.
+
+Which tree pays off depends on the device (a 2-core CPU pays for every verified node, a GPU verifies 64 nodes for
+about the price of one), on the context (verification reads all of it) and on the draft (a confident draft earns
+deep chains, an unsure one wide levels, a useless one none). :class:`AutoTree` grows each round's beam tree level by
+level and decides, after each draft forward, from two models:
+
+* the **cost model** of this device (:mod:`~longspec_hf.cost_model`): seconds of a verification of `T` nodes, of
+  a draft forward over `m` nodes and of the rest of a round, at this context;
+* the **acceptance model** of this draft (:mod:`~longspec_hf.acceptance`): a node's probability of being accepted
+  from the draft's own probabilities along its path, calibrated on the rounds of the call.
+
+With `E` the expected tokens of the round so far (one bonus token per row plus the nodes' acceptance
+probabilities) and `C(T)` its predicted seconds (draft forwards run + verification + rest), a round's value is the
+rate `E / C(T)`. After a draft forward the candidates for the next level are known (the beam order of
+:func:`~longspec_hf.tree.top_children`): keep the `k` of them that maximise the rate, either stopping there or
+continuing with a short lookahead (the next levels predicted from the rank acceptance rates). Before a draft
+forward, run it only if the lookahead says it pays. The tree may end at the root: a plain decode step, when the
+draft would not pay for itself (every few such rounds one level is drafted anyway, to keep learning).
+
+Any tree is verified exactly, so the output does not depend on these decisions (or on the timing noise behind them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+
+from .acceptance import AcceptanceModel
+from .cost_model import CostModel, cache_folder
+from .timing import synchronize
+from .tree import AUTO_ENVELOPE, DraftTree
+
+WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # level widths considered (the envelope's width caps them)
+HORIZON = 2  # levels the lookahead predicts beyond the decision
+EXPLORE_EVERY = 8  # rounds without drafting after which one level is drafted anyway
+FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
+
+
+def measure_sizes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tree sizes whose verification is timed, level widths whose draft forward is timed) at first use."""
+    if device.type == "cuda":
+        return (1, 16, 64, 129), (4, 16, 16, 1)
+    return (1, 8, 32), (4, 8, 1)
+
+
+def cost_key(target, drafter) -> dict:
+    """What a cost model is valid for: the target's shape and name, the drafter, the device, dtype and versions."""
+    text = target.config.get_text_config(decoder=True)
+    shape = {name: getattr(text, name, None) for name in (
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "sliding_window")}
+    device = target.device
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{device.type}:{torch.get_num_threads()} threads"
+    draft_config = getattr(drafter, "config", None)
+    draft = {"class": type(drafter).__name__,
+             "layers": getattr(draft_config, "num_hidden_layers", None),
+             "window": [getattr(drafter, "sink_size", getattr(draft_config, "sink_size", None)),
+                        getattr(drafter, "window_size", getattr(draft_config, "window_size", None))]}
+    import transformers
+
+    return {"target": shape, "name": getattr(target.config, "_name_or_path", None), "drafter": draft,
+            "device": where, "dtype": str(target.dtype),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "longspec_hf": package_version()}}
+
+
+def package_version() -> str:
+    # Read from the installed metadata: these modules also run from a model repo's custom_generate/ folder.
+    try:
+        from importlib.metadata import version
+
+        return version("longspec-hf")
+    except Exception:
+        return "unknown"
+
+
+_MODELS: dict[str, CostModel] = {}  # one model per key in a process, shared by calls
+
+
+def cost_model_for(target, drafter) -> CostModel:
+    key = cost_key(target, drafter)
+    name = repr(sorted(key.items())) + str(cache_folder())
+    if name not in _MODELS:
+        _MODELS[name] = CostModel.load(key)
+    return _MODELS[name]
+
+
+def star_tree(roots: torch.Tensor, size: int) -> DraftTree:
+    """A tree of `size` nodes (the root and `size - 1` children) per row: what a verification of that size costs
+    does not depend on the tree's structure."""
+    batch, device = roots.shape[0], roots.device
+    parents = torch.zeros(batch, size, dtype=torch.long, device=device)
+    parents[:, 0] = -1
+    depths = torch.ones(size, dtype=torch.long, device=device)
+    depths[0] = 0
+    ancestors = torch.eye(size, dtype=torch.bool, device=device).expand(batch, size, size).clone()
+    ancestors[:, :, 0] = True
+    return DraftTree(tokens=roots[:, None].expand(batch, size).contiguous(), parents=parents, depths=depths,
+                     ancestors=ancestors, logprobs=torch.zeros(batch, size, device=device))
+
+
+class AutoTree:
+    """The :class:`~longspec_hf.tree.TreeGrowth` of one ``generate()`` call under ``tree_shape="auto"``.
+
+    The loop calls :meth:`measure` once, then per round :meth:`begin_round` (the object is then passed to the
+    drafter as its tree shape), :meth:`verified` after acceptance and :meth:`end_round` after the commit, and
+    :meth:`finish` at the end.
+    """
+
+    def __init__(self, cost: CostModel, acceptance: AcceptanceModel, device: torch.device, stats=None,
+                 envelope: tuple[int, ...] = AUTO_ENVELOPE):
+        self.cost, self.acceptance, self.device, self.stats = cost, acceptance, device, stats
+        self.envelope = envelope
+        self.max_width = max(envelope)
+        self.widths = [w for w in WIDTHS if w <= self.max_width]
+        self.forced: tuple[int, ...] | None = None
+        self.rounds_without_draft = 0
+        self._round_start: float | None = None
+        self._previous: tuple[int, int, int, float, float] | None = None  # rows, context, nodes, draft s, verify s
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # first use: a few timed forwards
+
+    def measure(self, target, state, drafter, draft_state, roots: torch.Tensor, attn_backend: str, verify) -> float:
+        """Time verification and draft forwards at this context if the cost model has no measurement near it;
+        returns the seconds spent. The target's cache and the draft's state are left as they were."""
+        rows, context = roots.shape[0], state.cache.get_seq_length()
+        need_verify = not self.cost.has_near("verify", rows, context)
+        need_draft = not self.cost.has_near("draft", rows, context)
+        if not (need_verify or need_draft):
+            return 0.0
+        start = time.perf_counter()
+        tree_sizes, level_widths = measure_sizes(roots.device)
+        if need_verify:
+            for size in tree_sizes:
+                synchronize(self.device)
+                t0 = time.perf_counter()
+                verify(target, state, star_tree(roots, size), attn_backend)
+                synchronize(self.device)
+                self.cost.add("verify", rows, context, size, time.perf_counter() - t0, anchor=True)
+                state.cache.crop(-size)
+        if need_draft:
+            self.forced = level_widths
+            self.begin_round(context, rows, len(level_widths))
+            drafter.draft(draft_state, roots, state.next_positions, state, self)
+            drafter.discard(draft_state)
+            self.forced = None
+            self._round_start = None
+        return time.perf_counter() - start
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # one round
+
+    def begin_round(self, context: int, rows: int, room: int) -> AutoTree:
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self._previous is not None and self._round_start is not None:
+            p_rows, p_context, p_nodes, p_draft, p_verify = self._previous
+            self.cost.add("rest", p_rows, p_context, p_nodes, max(now - self._round_start - p_draft - p_verify, 0.0))
+        self._round_start, self._previous = now, None
+        self.context, self.rows, self.depth_cap = context, rows, max(min(room, len(self.envelope)), 0)
+        self.verify_curve = self.cost.curve("verify", rows, context)
+        self.draft_curve = self.cost.curve("draft", rows, context)
+        self.rest_curve = self.cost.curve("rest", rows, context)
+        self.expected = float(rows)  # every row emits its bonus token
+        self.nodes, self.draft_seconds = 1, 0.0
+        self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
+        self.level_means = [1.0]
+        self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first node, top-K ids, top-K log-probs)
+        self.shape: list[int] = []
+        self.draft_end = now
+        return self
+
+    def seconds(self, draft_seconds: float, nodes: int) -> float:
+        return max(draft_seconds + self.verify_curve(nodes) + self.rest_curve(nodes), 1e-9)
+
+    def lookahead(self, expected: float, draft_seconds: float, nodes: int, frontier: list[float], depth: int) -> float:
+        """The best rate reachable by drafting up to HORIZON more levels from `frontier` (acceptance of the current
+        level's nodes, averaged over rows), each level predicted from the rank acceptance rates."""
+        best = -math.inf
+        rates = [self.acceptance.rank_rate(r) for r in range(self.max_width)]
+        for level in range(HORIZON):
+            if depth + level >= self.depth_cap or not frontier:
+                break
+            draft_seconds += self.draft_curve(len(frontier))
+            parents = sorted(frontier, reverse=True)[:FRONTIER]
+            children = sorted((a * r for a in parents for r in rates), reverse=True)[: self.max_width]
+            gains = list(itertools.accumulate(children, initial=0.0))
+            level_best, keep = -math.inf, 0
+            for k in self.widths:
+                if k > len(children):
+                    break
+                rate = (expected + self.rows * gains[k]) / self.seconds(draft_seconds, nodes + k)
+                if rate > level_best:
+                    level_best, keep = rate, k
+            best = max(best, level_best)
+            expected, nodes, frontier = expected + self.rows * gains[keep], nodes + keep, children[:keep]
+        return best
+
+    def expand(self, depth: int, width: int) -> bool:
+        if self.forced is not None:
+            go = depth < len(self.forced)
+        elif depth >= self.depth_cap:
+            go = False
+        else:
+            stop = self.expected / self.seconds(self.draft_seconds, self.nodes)
+            go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > stop
+            if not go and depth == 0 and self.rounds_without_draft + 1 >= EXPLORE_EVERY:
+                go = True  # keep the acceptance model learning while the draft does not pay
+        now = time.perf_counter()
+        if go:
+            self._step_start = now
+        else:
+            self.draft_end = now
+        return go
+
+    def choose(self, depth: int, parent_local: torch.Tensor, child_logprobs: torch.Tensor,
+               level_logprobs: torch.Tensor) -> int:
+        width = level_logprobs.shape[1]
+        top = level_logprobs.topk(min(self.max_width, level_logprobs.shape[-1]), dim=-1)  # [B, m, K]
+        probabilities = child_logprobs.exp().tolist()  # [B, K] on the host: the one synchronisation per level
+        parents = parent_local.tolist()
+        now = time.perf_counter()
+        self.cost.add("draft", self.rows, self.context, width, now - self._step_start, anchor=self.forced is not None)
+        self.draft_seconds += now - self._step_start
+        self.draft_end = now
+        if self.forced is not None:
+            return self.forced[depth]
+        self.levels.append((self.nodes - width, top.indices, top.values))
+        h = self.acceptance.h
+        candidates = [[self.level_acceptance[r][p] * h(q) for p, q in zip(parents[r], probabilities[r], strict=True)]
+                      for r in range(self.rows)]  # [B][K], in beam order
+        means = [sum(column) / self.rows for column in zip(*candidates, strict=True)]
+        gains = list(itertools.accumulate(means, initial=0.0))
+        best, keep = self.expected / self.seconds(self.draft_seconds, self.nodes), 0
+        for k in self.widths:
+            if k > len(means):
+                break
+            expected = self.expected + self.rows * gains[k]
+            rate = expected / self.seconds(self.draft_seconds, self.nodes + k)
+            if depth + 1 < self.depth_cap:
+                rate = max(rate, self.lookahead(expected, self.draft_seconds, self.nodes + k, means[:k], depth + 1))
+            if rate > best:
+                best, keep = rate, k
+        if keep:
+            self.expected += self.rows * gains[keep]
+            self.nodes += keep
+            self.level_acceptance = [row[:keep] for row in candidates]
+            self.level_means = means[:keep]
+            self.shape.append(keep)
+        return keep
+
+    def verified(self) -> None:
+        """After acceptance (whose host transfer waited for the verification forward)."""
+        self._verified = time.perf_counter()
+
+    def end_round(self, tree: DraftTree, paths: list[list[int]], new_tokens: list[list[int]]) -> None:
+        """Record the round: costs, the acceptance observations of every drafted node on an accepted path, stats."""
+        verify_seconds = self._verified - self.draft_end
+        self.cost.add("verify", self.rows, self.context, len(tree), verify_seconds)
+        self._previous = (self.rows, self.context, len(tree), self.draft_seconds, verify_seconds)
+        self.rounds_without_draft = 0 if self.levels else self.rounds_without_draft + 1
+        levels = [(first, ids.tolist(), values.exp().tolist()) for first, ids, values in self.levels]
+        for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
+            for node, token in zip([0, *path], tokens, strict=True):
+                for first, ids, probabilities in levels:
+                    if first <= node < first + len(ids[row]):
+                        local = node - first
+                        self.acceptance.observe(probabilities[row][local], [t == token for t in ids[row][local]])
+        if self.stats is not None:
+            name = ",".join(map(str, self.shape)) or "none"
+            self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1
+            self.stats.predicted_accepted += self.expected - self.rows
+
+    def finish(self) -> None:
+        self.cost.save()

@@ -1,0 +1,172 @@
+"""What the parts of a speculative round cost on this device (for ``tree_shape="auto"``).
+
+Three measured curves, each seconds as a function of a size at a context length `L` and a batch of `B` rows:
+
+* ``verify``: the target's verification forward over a tree of `T` nodes (acceptance included);
+* ``draft``: one draft forward over a level of `m` nodes;
+* ``rest``: the rest of a round (commit, emitting, the loop) for a tree of `T` nodes.
+
+Samples come from a few timed forwards the first time a (target, drafter, device, dtype, batch) meets a context
+length no sample is near, and from every round actually run. A curve at `L` is the piecewise-linear interpolation
+over sizes of the samples' medians (a paused process or a busy neighbour makes one round slow, not the curve),
+each sample weighted by how close its context is to `L` (log scale), made
+non-decreasing in size. Nothing is assumed about the device: the same rule describes a compute-bound CPU (cost
+grows with every node) and a memory-bound GPU (flat until the device is saturated).
+
+The samples are kept on disk under the user's cache folder (``$LONGSPEC_HF_CACHE``, else ``$XDG_CACHE_HOME/
+longspec_hf``, else ``~/.cache/longspec_hf``), one file per target, drafter, device and dtype, together with the
+versions that produced them; a file from other versions is ignored.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .acceptance import monotone
+
+KINDS = ("verify", "draft", "rest")
+SCHEMA = "longspec-auto-cost/1"
+NEAR = math.log(1.4)  # a context within this factor of a measured one needs no new measurement
+BANDWIDTH = 0.15  # log-context kernel width: samples at 2x the context weigh e^-4.6 as much
+MAX_SAMPLES = 400  # per kind and batch size, oldest dropped first (anchors from measurements are kept)
+
+
+def cache_folder() -> Path:
+    if os.environ.get("LONGSPEC_HF_CACHE"):
+        return Path(os.environ["LONGSPEC_HF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "longspec_hf"
+
+
+class Curve:
+    """Seconds as a piecewise-linear, non-decreasing function of size; linear past the last measured size."""
+
+    def __init__(self, sizes: list[float], seconds: list[float]):
+        self.sizes = sizes
+        self.seconds = seconds
+
+    def __call__(self, size: float) -> float:
+        sizes, seconds = self.sizes, self.seconds
+        if not sizes:
+            return 0.0
+        if len(sizes) == 1 or size <= sizes[0]:
+            return seconds[0] if size <= sizes[0] else seconds[0] * size / sizes[0]
+        i = min(bisect.bisect_right(sizes, size), len(sizes) - 1)
+        x0, x1, y0, y1 = sizes[i - 1], sizes[i], seconds[i - 1], seconds[i]
+        return y0 + (y1 - y0) * (size - x0) / (x1 - x0)
+
+
+class CostModel:
+    """Timing samples `(context, size, seconds)` per kind and batch size, and the curves they define."""
+
+    def __init__(self, key: dict | None = None, path: Path | None = None):
+        self.key = key or {}
+        self.path = path
+        self.samples: dict[str, list[list[float]]] = {}  # "kind/B" -> [[context, size, seconds, anchor], ...]
+        self.changed = False
+
+    @classmethod
+    def load(cls, key: dict, folder: Path | None = None) -> CostModel:
+        """The model stored for `key` (target, drafter, device, dtype and versions), or an empty one."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = (folder or cache_folder()) / "cost" / f"{digest}.json"
+        model = cls(key, path)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return model
+        if stored.get("schema") == SCHEMA and stored.get("key") == key:
+            model.samples = {name: [list(map(float, s)) for s in rows] for name, rows in stored["samples"].items()}
+        return model
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"schema": SCHEMA, "key": self.key, "samples": self.samples}))
+            tmp.replace(self.path)  # atomic: concurrent processes never read a half-written file
+            self.changed = False
+        except OSError:
+            pass  # a read-only home only costs a new measurement next time
+
+    def add(self, kind: str, rows: int, context: int, size: int, seconds: float, anchor: bool = False) -> None:
+        samples = self.samples.setdefault(f"{kind}/{rows}", [])
+        samples.append([float(context), float(size), float(seconds), float(anchor)])
+        if len(samples) > MAX_SAMPLES:
+            oldest = next((i for i, s in enumerate(samples) if not s[3]), 0)
+            del samples[oldest]
+        self.changed = True
+
+    def has_near(self, kind: str, rows: int, context: int) -> bool:
+        """Whether a measurement (not only round samples) exists for this batch size near this context."""
+        log_context = math.log(max(context, 1))
+        return any(s[3] and abs(math.log(max(s[0], 1)) - log_context) <= NEAR
+                   for s in self.samples.get(f"{kind}/{rows}", []))
+
+    def curve(self, kind: str, rows: int, context: int) -> Curve:
+        """The `kind` curve at `context` for `rows` rows (the nearest batch size measured, if not this one)."""
+        samples = self.samples.get(f"{kind}/{rows}")
+        if not samples:
+            batches = [int(name.split("/")[1]) for name in self.samples if name.startswith(kind + "/")]
+            if not batches:
+                return Curve([], [])
+            samples = self.samples[f"{kind}/{min(batches, key=lambda b: abs(b - rows))}"]
+        log_context = math.log(max(context, 1))
+        nearest = min(abs(math.log(max(s[0], 1)) - log_context) for s in samples)
+        by_size: dict[float, list[tuple[float, float]]] = {}
+        for s in samples:
+            # Relative to the nearest sample, so far-away contexts still give a curve when nothing is near.
+            distance = abs(math.log(max(s[0], 1)) - log_context) - nearest
+            by_size.setdefault(s[1], []).append((s[2], math.exp(-distance / BANDWIDTH)))
+        # A size seen only at far contexts would bend the curve with another context's cost: left out.
+        sizes = sorted(size for size, timed in by_size.items() if sum(w for _, w in timed) > 0.05)
+        medians = [weighted_median(by_size[size]) for size in sizes]
+        # Non-decreasing, trusting sizes with more (and nearer) samples more than a single measured one.
+        seconds = monotone(medians, [sum(w for _, w in by_size[size]) for size in sizes])
+        return Curve(sizes, seconds)
+
+
+def weighted_median(values: list[tuple[float, float]]) -> float:
+    """The median of `(value, weight)` pairs."""
+    ordered = sorted(values)
+    half, running = sum(w for _, w in ordered) / 2, 0.0
+    for value, weight in ordered:
+        running += weight
+        if running >= half:
+            return value
+    return ordered[-1][0]
+
+
+def plot_curves(model: CostModel, contexts: list[int], path: str | Path, rows: int = 1, max_size: int = 64) -> Path:
+    """Verification seconds (ms) against tree nodes at each context, with the samples behind them: the picture of
+    what "auto" trades tokens against."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = list(range(1, max_size + 1))
+    for context in contexts:
+        curve = model.curve("verify", rows, context)
+        line = ax.plot(sizes, [1000 * curve(s) for s in sizes], label=f"{context} tokens")[0]
+        near = [s for s in model.samples.get(f"verify/{rows}", [])
+                if abs(math.log(max(s[0], 1) / context)) <= NEAR / 2 and s[1] <= max_size]
+        ax.scatter([s[1] for s in near], [1000 * s[2] for s in near], s=6, alpha=0.3, color=line.get_color())
+    ax.set_xlabel("tree nodes verified (root included)")
+    ax.set_ylabel("verification forward (ms)")
+    ax.set_title("Cost model of tree_shape=\"auto\" (dots: measured)")
+    ax.set_ylim(bottom=0)
+    ax.legend(title="context")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
