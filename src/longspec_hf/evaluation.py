@@ -1,32 +1,51 @@
 """`longspec eval`: tau (tokens per target forward) of a draft on held-out text, per domain and context length.
 
-For each domain and context length, prompts are windows of exactly that many tokens cut from the domain's held-out
-documents (the python-stdlib / python-docs held-out splits by default, never trained on); each is continued greedily
-with the draft, and tau is pooled over the prompts: (accepted draft tokens + rounds) / rounds.
+For each domain and context length, prompts are windows of exactly that many tokens cut from the domain's documents;
+each is continued greedily with the draft, and tau is pooled over the prompts: (accepted draft tokens + rounds) /
+rounds. The default domains come from outside everything training reads (the CPython sources and docs):
+``code`` = ``installed-code`` (Python sources of the installed third-party packages) and ``prose`` =
+``installed-prose`` (their READMEs and license texts); see `longspec_hf.training.data`. The in-domain held-out
+splits stay available as ``--domain stdlib=python-stdlib:heldout --domain docs=python-docs:heldout``.
+
+Per domain the text is tokenized once, as one stream long enough for the longest context, and every context's
+prompts are spread evenly over that same stream, so the cells of a domain differ in context length only. A cell
+whose text is shorter than its context is skipped with a message (and a ``skipped`` row).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
-DEFAULT_DOMAINS = {"code": "python-stdlib:heldout", "docs": "python-docs:heldout"}
+DEFAULT_DOMAINS = {"code": "installed-code", "prose": "installed-prose"}
+DEFAULT_PROMPTS = 8
 
 
-def prompt_windows(tokenizer, texts: list[str], context: int, count: int) -> list[torch.LongTensor]:
-    """`count` windows `[1, context]` spread evenly over the concatenated documents."""
+def token_stream(tokenizer, texts: list[str], limit: int) -> list[int]:
+    """The documents' tokens, concatenated, up to the first document that reaches `limit` tokens."""
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
-        if len(stream) >= context * count * 2:
+        if len(stream) >= limit:
             break
+    return stream
+
+
+def windows(stream: list[int], context: int, count: int) -> list[torch.LongTensor]:
+    """`count` windows `[1, context]` spread evenly over `stream` (overlapping when it is shorter than all of them)."""
     if len(stream) < context:
         raise ValueError(f"The held-out text has {len(stream)} tokens, fewer than a {context}-token context.")
     starts = torch.linspace(0, len(stream) - context, count).long().tolist()
     return [torch.tensor(stream[s : s + context])[None] for s in starts]
+
+
+def prompt_windows(tokenizer, texts: list[str], context: int, count: int) -> list[torch.LongTensor]:
+    """`count` windows `[1, context]` spread evenly over the concatenated documents."""
+    return windows(token_stream(tokenizer, texts, context * count * 2), context, count)
 
 
 def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: int) -> dict:
@@ -43,48 +62,50 @@ def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: 
 
 
 def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[int], max_new_tokens: int,
-             prompts_per_context: int) -> list[dict]:
+             prompts_per_context: int = DEFAULT_PROMPTS) -> list[dict]:
+    """One row per (domain, context): tau pooled over `prompts_per_context` prompts, or ``skipped`` with the reason
+    when the domain's text is shorter than the context."""
     from .training.data import load_texts
 
     rows = []
     for domain, source in domains.items():
         texts = load_texts([source])
+        stream = token_stream(tokenizer, texts, max(contexts) * prompts_per_context * 2)
         for context in contexts:
-            prompts = prompt_windows(tokenizer, texts, context, prompts_per_context)
-            rows.append({"domain": domain, "context": context, **measure_tau(target, draft, prompts, max_new_tokens)})
+            cell = {"domain": domain, "source": source, "context": context}
+            if len(stream) < context:
+                reason = f"{source} has {len(stream)} tokens, fewer than one {context}-token prompt"
+                print(f"longspec eval: skipping {domain} at context {context}: {reason}; add text to the domain "
+                      "(--domain NAME=SOURCE) or use shorter --contexts.", file=sys.stderr)
+                rows.append({**cell, "skipped": reason})
+                continue
+            if len(stream) < context * prompts_per_context:
+                print(f"longspec eval: {domain} at context {context}: {len(stream)} tokens of text, so its "
+                      f"{prompts_per_context} prompts overlap.", file=sys.stderr)
+            prompts = windows(stream, context, prompts_per_context)
+            rows.append({**cell, **measure_tau(target, draft, prompts, max_new_tokens)})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| domain | context | tau | rounds | prompts |", "|---|---|---|---|---|"]
-    lines += [f"| {r['domain']} | {r['context']} | {r['tau']:.2f} | {r['rounds']} | {r['prompts']} |" for r in rows]
+    lines += [f"| {r['domain']} | {r['context']} | skipped: {r['skipped']} | | |" if "skipped" in r else
+              f"| {r['domain']} | {r['context']} | {r['tau']:.2f} | {r['rounds']} | {r['prompts']} |" for r in rows]
     return "\n".join(lines)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model id or folder")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
-    parser.add_argument("--draft", required=True,
-                        help="draft folder or id, or 'self' for the training-free self-speculative draft")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE",
-                        help="held-out text per domain, e.g. code=python-stdlib:heldout (repeatable)")
-    parser.add_argument("--tree-shape", type=int, nargs="+", default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per domain and context")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def evaluate_cli(args: argparse.Namespace) -> None:
     from .loading import load_causal_lm, load_draft
+    from .tree import tree_setting, tree_setting_text
 
     target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     draft = load_draft(args.draft, target)
     if args.tree_shape:
-        draft.generation_config.tree_shape = args.tree_shape
+        draft.generation_config.tree_shape = tree_setting(",".join(args.tree_shape))
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
     rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts)
-    print(f"tree shape {draft.generation_config.tree_shape}, greedy, {args.max_new_tokens} new tokens per prompt")
+    print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}, greedy, {args.max_new_tokens} new "
+          "tokens per prompt")
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:

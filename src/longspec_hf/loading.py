@@ -8,6 +8,13 @@ A target is named by a Hub id or folder (with `gguf_file` for a GGUF checkpoint)
 * ``random:<name>`` — random weights in the shape of a real model, from a config shipped in ``longspec_hf/configs``
   (``random:llama-3-8b``, ``random:qwen2.5-7b``, ``random:qwen3-8b``), or ``random:<path/to/config.json>``: built
   directly on the device in the dtype, no download and no tokenizer; for timing (``longspec cost``), not for text.
+
+GGUF files of the Llama architecture (``offline:smollm2`` included) load *dense* by default: every tensor is
+dequantised with the `gguf` package into a plain transformers model built from the file's config, in the requested
+dtype (:func:`dense_gguf_causal_lm`). transformers 5.24 also dequantises Llama GGUFs (its packed-kernel path covers
+other architectures only), to the same weights bit for bit, but it takes about twice as long, warns that the weights
+"stay quantized" when the dtype is not fp32, and flags the model as quantized (``.half()``, ``save_pretrained`` and
+training refused). ``dense=False`` keeps transformers' own loader.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOLLM2 = "offline:smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF model types the dense loader maps (name map and q/k row order); others go through transformers' loader.
+DENSE_GGUF_ARCHITECTURES = ("llama",)
 RANDOM_PREFIX = "random:"
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -109,9 +118,12 @@ def smollm2_gguf() -> tuple[str, str]:
 
 def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32", device: str | None = None,
                    attn_implementation: str | None = None, tokenizer: str | None = None,
-                   min_positions: int | None = None):
+                   min_positions: int | None = None, dense: bool | None = None):
     """`(target, tokenizer)` for a causal LM (a Hub id, a folder, or an offline name above), frozen and in eval mode;
-    refuses models without an LM head. ``random:`` targets have no tokenizer (None) and honour `min_positions`."""
+    refuses models without an LM head. ``random:`` targets have no tokenizer (None) and honour `min_positions`.
+
+    `dense` (GGUF files only): True dequantises into a plain model (Llama-architecture files), False uses
+    transformers' GGUF loader, None (default) is dense wherever the architecture allows it."""
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
@@ -129,7 +141,11 @@ def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32",
     else:
         if name == SMOLLM2:
             name, gguf_file = smollm2_gguf()
-        target, bundled_tokenizer = pretrained_causal_lm(name, gguf_file, DTYPES[dtype], attn_implementation), None
+        if gguf_file:
+            target = gguf_causal_lm(name, gguf_file, DTYPES[dtype], attn_implementation, dense)
+        else:
+            target = pretrained_causal_lm(name, gguf_file, DTYPES[dtype], attn_implementation)
+        bundled_tokenizer = None
     if device:
         target.to(device)
     target.requires_grad_(False).eval()
@@ -155,6 +171,112 @@ def pretrained_causal_lm(name: str, gguf_file: str | None, dtype: torch.dtype, a
         raise
     if target.get_output_embeddings() is None:
         raise ValueError(f"{name} has no LM head; LongSpec drafts are for causal LMs only.")
+    return target
+
+
+def gguf_causal_lm(name: str, gguf_file: str, dtype: torch.dtype, attn_implementation: str | None,
+                   dense: bool | None):
+    """A GGUF target: dense (:func:`dense_gguf_causal_lm`) when `dense` or, for None, when the file maps onto a
+    transformers Llama; transformers' own GGUF loader otherwise."""
+    config = dense_gguf_config(name, gguf_file, dense)
+    if config is not None:
+        try:
+            return dense_gguf_causal_lm(name, gguf_file, dtype, attn_implementation, config)
+        except ValueError:
+            if dense:
+                raise
+            # A Llama-type file with tensors the name map does not place (e.g. rope_freqs): transformers knows more.
+    return pretrained_causal_lm(name, gguf_file, dtype, attn_implementation)
+
+
+def gguf_path(name: str, gguf_file: str) -> Path:
+    """The GGUF file itself: `gguf_file` inside the folder `name`, or a path of its own."""
+    path = Path(name) / gguf_file
+    if path.is_file():
+        return path
+    if Path(gguf_file).is_file():
+        return Path(gguf_file)
+    raise FileNotFoundError(f"GGUF file {gguf_file} not found in {name}; dense loading reads local files only, "
+                            "pass dense=False to let transformers fetch it from the Hub.")
+
+
+def gguf_config(path: Path):
+    """The transformers config that transformers itself reads from a GGUF file's metadata."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def dense_gguf_config(name: str, gguf_file: str, dense: bool | None):
+    """The config to build a dense model from, or None to leave this GGUF to transformers' loader: `dense=False`, a
+    Hub file (transformers downloads it), or an architecture the dense loader does not map (refused if `dense`)."""
+    if dense is False or (dense is None and not (Path(name) / gguf_file).is_file() and not Path(gguf_file).is_file()):
+        return None
+    config = gguf_config(gguf_path(name, gguf_file))
+    if config.model_type in DENSE_GGUF_ARCHITECTURES:
+        return config
+    if dense:
+        raise ValueError(f"Dense GGUF loading covers the {', '.join(DENSE_GGUF_ARCHITECTURES)} architecture(s), "
+                         f"not {config.model_type!r}; load it with dense=False (transformers' GGUF loader).")
+    return None
+
+
+def unpermute_rope_rows(weight, heads: int):
+    """Undo llama.cpp's reordering of q/k projection rows `[heads * D, hidden]`: GGUF interleaves each head's rotary
+    pairs (rows 0, D/2, 1, D/2+1, ...) for its rope kernel, transformers' rotate_half wants the two halves apart."""
+    rows = weight.shape[0]
+    pairs = weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])  # [H, D/2, 2, hidden]
+    return pairs.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, D/2, hidden] -> [H * D, hidden]
+
+
+def dense_gguf_state_dict(path: Path, config, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`{transformers name: tensor}` of a Llama-architecture GGUF, every tensor dequantised and cast to `dtype` one at
+    a time (the fp32 copy of the whole model never exists). `names` are the model's parameter names; a tied
+    ``lm_head.weight`` has no tensor of its own in the file and is left out (transformers ties it on load)."""
+    import numpy as np
+    from gguf import MODEL_ARCH, GGUFReader, get_tensor_name_map
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    gguf_names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    state, used = {}, set()
+    for name in names:
+        gguf_name = gguf_names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name not in tensors:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            raise ValueError(f"{path.name} has no tensor for {name} (looked for {gguf_name}); load it with "
+                             "dense=False (transformers' GGUF loader).")
+        tensor = tensors[gguf_name]
+        weight = dequantize(tensor.data, tensor.tensor_type)  # numpy float32, [out, in] like torch
+        role = gguf_name.split(".")[-2]
+        if role in heads and weight.ndim == 2:
+            weight = unpermute_rope_rows(weight, heads[role])
+        # A copy: unquantised tensors are views of the read-only file mapping.
+        state[name] = torch.from_numpy(np.array(weight, dtype=np.float32, order="C")).to(dtype)
+        used.add(gguf_name)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{path.name} has tensors this model does not use ({', '.join(unused[:3])} ...); load it "
+                         "with dense=False (transformers' GGUF loader).")
+    return state
+
+
+def dense_gguf_causal_lm(name: str, gguf_file: str, dtype: torch.dtype, attn_implementation: str | None = None,
+                         config=None):
+    """A plain transformers causal LM (no quantizer attached) from a Llama-architecture GGUF: the config that
+    transformers reads from the file, the weights dequantised by :func:`dense_gguf_state_dict`, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path(name, gguf_file)
+    config = config if config is not None else gguf_config(path)
+    with torch.device("meta"):  # only the parameter names and the class are needed here
+        skeleton = AutoModelForCausalLM.from_config(config)
+    state = dense_gguf_state_dict(path, config, list(skeleton.state_dict()), dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    target = type(skeleton).from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+    target.config._name_or_path = name
     return target
 
 

@@ -7,6 +7,13 @@ Sources (one string each):
 * ``python-stdlib:train`` / ``python-stdlib:heldout`` — the CPython standard library sources of this interpreter;
   ``python-docs:train`` / ``python-docs:heldout`` — Python's own documentation (``pydoc_data.topics``). Both split
   deterministically by a hash of the file or topic name (10% held out), so evaluation never sees training text;
+* ``installed-code`` / ``installed-prose`` — evaluation text from outside CPython: the Python sources, and the long
+  descriptions (README text of their METADATA) and license files, of the installed third-party distributions (this
+  project excluded; source files that mostly repeat standard-library lines, such as vendored stdlib backports, are
+  dropped). Distributions in a seeded order of their sorted names, at most ``INSTALLED_PER_DISTRIBUTION`` characters
+  each, ``INSTALLED_BUDGET`` in all: deterministic for a given set of installed packages;
+* ``generated:<source>`` — the target's own continuations of prompts cut from ``<source>``; only training reads it
+  (it needs the target): see `longspec_hf.training.generated`;
 * anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``) — unless it looks
   like a local path (a file suffix, a leading ``.``, ``/`` or ``~``, more than one ``/``): a missing file is reported
   at once instead of being looked up on the Hub.
@@ -16,14 +23,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import re
 import sysconfig
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
-OFFLINE_CORPORA = ("python-stdlib", "python-docs")
+INSTALLED_CORPORA = ("installed-code", "installed-prose")
+GENERATED_PREFIX = "generated:"
+# "generated" only reaches `offline_corpus` to be refused with the fix: it needs the target, which text loading lacks.
+OFFLINE_CORPORA = ("python-stdlib", "python-docs", *INSTALLED_CORPORA, GENERATED_PREFIX.rstrip(":"))
+INSTALLED_BUDGET = 2_000_000  # characters: several 8k-token prompt windows for 8 prompts, spread over the packages
+INSTALLED_PER_DISTRIBUTION = 40_000  # so one big package (torch) cannot fill the corpus
+OWN_DISTRIBUTION = "longspec-hf"
 # Suffixes of data files (dataset ids do not end in them), so `corpus.txt` is a missing file, not a Hub id.
 FILE_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".csv", ".parquet", ".gz", ".zst"}
 
@@ -34,6 +50,13 @@ def is_held_out(name: str, fraction: float = 0.1) -> bool:
 
 
 def offline_corpus(name: str, split: str) -> list[str]:
+    if name == GENERATED_PREFIX.rstrip(":"):
+        raise ValueError(f"generated:{split} needs the target to write its continuations; use it as training data "
+                         "(longspec train --data generated:...) or write the file with generate_data().")
+    if name in INSTALLED_CORPORA:
+        if split != "train":  # the default `load_texts` fills in; these corpora have no splits, nothing trains on them
+            raise ValueError(f"{name} has no splits (it is evaluation text only); write {name}, not {name}:{split}.")
+        return installed_code() if name == "installed-code" else installed_prose()
     if split not in ("train", "heldout"):
         raise ValueError(f"Split of {name} must be 'train' or 'heldout', got {split!r}.")
     want_held_out = split == "heldout"
@@ -155,3 +178,101 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.LongTensor:
     if n == 0:
         raise ValueError(f"The data has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}.")
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def distribution_key(name: str) -> str:
+    """The normalised name of a distribution (PEP 503): `Typing_Extensions` -> `typing-extensions`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_distributions(seed: int = 0) -> list:
+    """Installed distributions other than this project, one per name, in a seeded order of their sorted names."""
+    from importlib.metadata import distributions
+
+    found = {}
+    for dist in distributions():
+        name = dist.metadata["Name"]
+        if name and distribution_key(name) != OWN_DISTRIBUTION:
+            found.setdefault(distribution_key(name), dist)  # the first on sys.path wins, as for imports
+    ordered = [found[k] for k in sorted(found)]
+    random.Random(seed).shuffle(ordered)  # sorted first, so the order depends on the seed alone
+    return ordered
+
+
+def long_lines(text: str, min_chars: int = 24) -> list[str]:
+    """Stripped lines long enough to identify copied code (short ones like `return None` are everywhere)."""
+    return [line for line in (raw.strip() for raw in text.splitlines()) if len(line) >= min_chars]
+
+
+@lru_cache(maxsize=1)
+def stdlib_lines() -> frozenset[str]:
+    """Every long line of the standard-library corpus (both splits): what held-out code must not repeat."""
+    return frozenset(line for text in offline_corpus("python-stdlib", "train") + offline_corpus(
+        "python-stdlib", "heldout") for line in long_lines(text))
+
+
+def repeats_stdlib(text: str, max_shared: float = 0.3) -> bool:
+    """Whether most of a file's long lines are standard-library lines: a vendored stdlib copy or backport
+    (setuptools' distutils, importlib_metadata), which would put training text into the held-out set."""
+    lines = long_lines(text)
+    return bool(lines) and sum(line in stdlib_lines() for line in lines) > max_shared * len(lines)
+
+
+def distribution_files(dist, suffixes: tuple[str, ...]) -> list[Path]:
+    return [Path(dist.locate_file(f)) for f in sorted(dist.files or [], key=str) if f.suffix in suffixes]
+
+
+def fill(documents, budget: int, per_distribution: int) -> list[str]:
+    """Texts from `(distribution, text)` pairs, at most `per_distribution` characters of each distribution (a text
+    that crosses the limit is kept whole) and `budget` in all."""
+    texts, used, total = [], {}, 0
+    for dist, text in documents:
+        if used.get(dist, 0) >= per_distribution:
+            continue
+        texts.append(text)
+        used[dist] = used.get(dist, 0) + len(text)
+        total += len(text)
+        if total >= budget:
+            break
+    return texts
+
+
+def installed_code(seed: int = 0, budget: int = INSTALLED_BUDGET,
+                   per_distribution: int = INSTALLED_PER_DISTRIBUTION) -> list[str]:
+    """Python sources of installed third-party distributions (files of one package stay together, in path order)."""
+
+    def documents():
+        for dist in installed_distributions(seed):
+            taken = 0
+            for path in distribution_files(dist, (".py",)):
+                if taken >= per_distribution:
+                    break  # without reading the rest of a large package
+                if not path.is_file() or path.stat().st_size > 10 * per_distribution:
+                    continue  # generated tables and data modules are not code to continue
+                text = path.read_text(errors="ignore")
+                if text.strip() and not repeats_stdlib(text):
+                    taken += len(text)
+                    yield dist.metadata["Name"], text
+
+    return fill(documents(), budget, per_distribution)
+
+
+def installed_prose(seed: int = 0, budget: int = INSTALLED_BUDGET, per_distribution: int = INSTALLED_PER_DISTRIBUTION,
+                    min_chars: int = 1000) -> list[str]:
+    """Long descriptions (the README text in METADATA) and license texts of installed distributions, each distinct
+    text once (many packages ship the same license), texts under `min_chars` dropped."""
+    license_name = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE)", re.IGNORECASE)
+
+    def documents():
+        seen = set()
+        for dist in installed_distributions(seed):
+            texts = [dist.metadata.get_payload() or dist.metadata.get("Description") or ""]
+            texts += [path.read_text(errors="ignore") for path in distribution_files(dist, ("", ".txt", ".md", ".rst"))
+                      if license_name.match(path.name) and path.is_file()]
+            for text in texts:
+                digest = hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+                if len(text.strip()) >= min_chars and digest not in seen:
+                    seen.add(digest)
+                    yield dist.metadata["Name"], text
+
+    return fill(documents(), budget, per_distribution)

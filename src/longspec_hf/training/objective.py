@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from ..compat import cache_kwarg
 from ..drafting import target_last_layer_kv
 from ..modeling import path_window_keys
 from ..tree import tree_attention_bias
@@ -46,7 +47,7 @@ def target_pass(target: PreTrainedModel, input_ids: torch.LongTensor, position_i
                 want_logits: bool):
     """Frozen target forward: last-layer KV `[B, Hkv, L, D]` and, for distillation, logits `[B, L, V]`."""
     cache = DynamicCache()
-    out = target(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+    out = target(input_ids=input_ids, position_ids=position_ids, **{cache_kwarg(target): cache}, use_cache=True,
                  logits_to_keep=0 if want_logits else 1)
     key, value = target_last_layer_kv(cache)
     return key, value, (out.logits if want_logits else None)
@@ -59,11 +60,14 @@ def draft_loss(
     position_ids: torch.LongTensor,
     lag: int,
     loss_type: str = "distill",
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss of the draft over positions `lag .. L-2` of `input_ids [B, L]`.
 
     `loss_type`: "ce" (data labels through the frozen head) or "distill" (KL divergence from the target's own
-    next-token distribution at the same position to the draft's).
+    next-token distribution at the same position to the draft's). `loss_mask [B, L]` (bool, optional): the mean
+    runs over the predictions of tokens `i` with `loss_mask[:, i]` only — e.g. a generated continuation, with its
+    prompt as context; every position still attends as usual.
     """
     batch, length = input_ids.shape
     if length < lag + 2:
@@ -77,11 +81,18 @@ def draft_loss(
     logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask)  # [B, L, V]
     scored = slice(lag, length - 1)
     draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)
-    if loss_type == "ce":
-        labels = input_ids[:, lag + 1 :]
-        return F.nll_loss(draft_logprobs.flatten(0, 1), labels.flatten())
-    if loss_type == "distill":
+    if loss_type not in ("ce", "distill"):
+        raise ValueError(f"Unknown loss {loss_type!r}; use 'ce' or 'distill'.")
+    if loss_mask is None:  # the unmasked means, as the loss was always computed
+        if loss_type == "ce":
+            return F.nll_loss(draft_logprobs.flatten(0, 1), input_ids[:, lag + 1 :].flatten())
         target_logprobs = F.log_softmax(target_logits[:, scored].float(), dim=-1)
         return F.kl_div(draft_logprobs.flatten(0, 1), target_logprobs.flatten(0, 1), log_target=True,
                         reduction="batchmean")
-    raise ValueError(f"Unknown loss {loss_type!r}; use 'ce' or 'distill'.")
+    if loss_type == "ce":
+        per_position = -draft_logprobs.gather(-1, input_ids[:, lag + 1 :, None])[..., 0]  # [B, L-lag-1]
+    else:
+        target_logprobs = F.log_softmax(target_logits[:, scored].float(), dim=-1)
+        per_position = F.kl_div(draft_logprobs, target_logprobs, log_target=True, reduction="none").sum(-1)
+    weights = loss_mask[:, lag + 1 :].to(per_position.dtype)  # [B, L-lag-1]: whether each predicted token counts
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..modeling import LongSpecDraftModel
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
 from .config import TrainConfig
-from .data import load_texts, pack
+from .generated import training_sequences
 from .objective import draft_loss
 from .positions import anchor_offset_positions
 
@@ -83,7 +83,9 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     target, tokenizer = load_target(config)
     target.to(accelerator.device)
     max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
-    data = pack(load_texts(config.data, config.text_column), tokenizer, config.seq_len)
+    with accelerator.main_process_first():  # one process writes the target's continuations (generated:), all read
+        data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
+                                             progress and accelerator.is_local_main_process)  # [N, L], [N, L] | None
 
     torch.manual_seed(config.seed)
     if config.init_draft:
@@ -117,13 +119,16 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             gen = step_generator(config, index)
             lag = int(torch.randint(config.lag_min, config.lag_max + 1, (1,), generator=gen))
             ids = micro_batch(data, config, index, accelerator.process_index, accelerator.num_processes)
+            # The same rows (the permutation depends on the index only): which of their tokens are scored.
+            mask = None if loss_mask is None else micro_batch(loss_mask, config, index, accelerator.process_index,
+                                                              accelerator.num_processes).to(accelerator.device)
             positions = torch.stack([
                 anchor_offset_positions(config.seq_len, max_positions, gen, config.max_anchor, config.long_threshold)
                 for _ in range(ids.shape[0])
             ])
             ids, positions = ids.to(accelerator.device), positions.to(accelerator.device)
             with accelerator.accumulate(draft_model), accelerator.autocast():
-                loss = draft_loss(draft_model, target, ids, positions, lag, config.loss)
+                loss = draft_loss(draft_model, target, ids, positions, lag, config.loss, mask)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(draft_model.parameters(), config.max_grad_norm)
