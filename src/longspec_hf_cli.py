@@ -62,6 +62,14 @@ def target_help(random_targets: bool) -> str:
     return text
 
 
+def parse_bench_tree(spec: str) -> tuple[str, list[int] | str]:
+    """`NAME=4,16,16` -> ("NAME", [4, 16, 16]); `NAME=auto` -> ("NAME", "auto")."""
+    name, _, shape = spec.partition("=")
+    if name and shape.strip().lower() == "auto":
+        return name, "auto"
+    return parse_tree(spec)
+
+
 def parse_tree(spec: str) -> tuple[str, list[int]]:
     """`NAME=4,16,16` -> ("NAME", [4, 16, 16])."""
     name, _, shape = spec.partition("=")
@@ -107,11 +115,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--longbench", default=None,
                         help="LongBench folder of <task>.jsonl files, or a dataset id (default: THUDM/LongBench)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (default: all)")
-    parser.add_argument("--tree", type=parse_tree, action="append", default=None, metavar="NAME=W1,W2,...",
-                        help="a LongSpec method per tree shape (repeatable; default longspec_chain=1,1,1 and "
-                             "longspec_tree=4,16,16,16,16)")
-    parser.add_argument("--self-draft-tree", default="1,1,1,1",
-                        help="tree of the training-free self-speculative draft (W1,W2,...), or 'none' to skip it")
+    parser.add_argument("--tree", type=parse_bench_tree, action="append", default=None, metavar="NAME=W1,W2,...",
+                        help="a LongSpec method per tree shape, or NAME=auto (repeatable; default longspec_auto=auto, "
+                             "longspec_chain=1,1,1 and longspec_tree=4,16,16,16,16)")
+    parser.add_argument("--self-draft-tree", default="auto",
+                        help="tree of the training-free self-speculative draft (W1,W2,... or auto), or 'none' to "
+                             "skip it")
     parser.add_argument("--self-draft-window", type=int, default=512,
                         help="recent-token window of the self-speculative draft")
     parser.add_argument("--specpv-budgets", type=int, nargs="+", default=[], metavar="TOKENS",
@@ -198,18 +207,43 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    # A copy of longspec_hf.evaluation.add_eval_arguments (that module imports torch); a test keeps the two equal.
     parser.add_argument("--target", required=True, help="target model id or folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
     parser.add_argument("--draft", required=True,
                         help="draft folder or id, or 'self' for the training-free self-speculative draft")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE",
-                        help="held-out text per domain, e.g. code=python-stdlib:heldout (repeatable)")
-    parser.add_argument("--tree-shape", type=int, nargs="+", default=None)
+                        help="held-out text per domain (repeatable; default: code=installed-code "
+                             "prose=installed-prose, text outside the training corpora), e.g. "
+                             "stdlib=python-stdlib:heldout")
+    parser.add_argument("--tree-shape", nargs="+", default=None, metavar="W",
+                        help="level widths (e.g. 1 1 1 or 4 16 16), or auto (default: the draft's own)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per domain and context")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def add_generate_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help=target_help(random_targets=False))
+    parser.add_argument("--gguf-file", default=None,
+                        help="GGUF file inside --target (default: none, the target is not a GGUF)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the target's dtype")
+    parser.add_argument("--source", required=True,
+                        help="text to cut the prompts from: any `longspec train --data` source (python-stdlib:train, "
+                             "a file or folder, a datasets id)")
+    parser.add_argument("--output", required=True,
+                        help="file to write, .jsonl or .parquet (kept when it exists with the same settings); train "
+                             "on it with --data generated:FILE")
+    parser.add_argument("--prompt-len", type=int, default=896,
+                        help="tokens per prompt (prompt + new tokens = the --seq-len you train with)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens the target writes per prompt")
+    parser.add_argument("--count", type=int, default=64, help="prompts")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
+                        help="one continuation per prompt and temperature; 0 is greedy")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generate() call")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of sampling")
+    parser.add_argument("--text-column", default="text", help="text column of .jsonl / datasets sources")
 
 
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)
@@ -218,6 +252,8 @@ COMMANDS = {
               "longspec_hf.cli:train_command", False),
     "eval": ("measure tau of a draft on held-out text at several contexts", add_eval_arguments,
              "longspec_hf.cli:eval_command", False),
+    "generate-data": ("write the target's own continuations of long prompts: self-distillation data",
+                      add_generate_data_arguments, "longspec_hf.training.generated:generate_data_cli", True),
     "bench": ("speed-up, tau and memory of decoding methods, same-run baseline", add_bench_arguments,
               "longspec_hf.bench.cli:bench_cli", True),
     "cost": ("what a speculative round costs on this device: break-even tau per tree shape", add_cost_arguments,

@@ -3,7 +3,6 @@ options."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
@@ -30,18 +29,24 @@ def test_help_imports_nothing_heavy(command):
     assert out.strip().splitlines()[-1] == "[]"
 
 
-def option_table(add_arguments) -> list[tuple]:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    keys = ("option_strings", "dest", "nargs", "const", "default", "type", "choices", "required", "help", "metavar")
-    return [(type(action).__name__, *(getattr(action, key) for key in keys)) for action in parser._actions]
+def test_eval_tree_shape_takes_widths_or_auto():
+    from longspec_hf.tree import tree_setting
+
+    def parsed(*shape):
+        args = longspec_hf_cli.build_parser("eval").parse_args(
+            ["eval", "--target", "t", "--draft", "d", "--tree-shape", *shape])
+        return tree_setting(",".join(args.tree_shape))
+
+    assert parsed("auto") == "auto" and parsed("4", "16") == (4, 16)
+    with pytest.raises(ValueError, match="tree_shape"):
+        parsed("x")
 
 
-def test_eval_options_match_the_evaluation_module():
-    from longspec_hf.evaluation import add_eval_arguments
-
-    # The command line keeps its own copy (evaluation imports torch): it must not drift.
-    assert option_table(longspec_hf_cli.add_eval_arguments) == option_table(add_eval_arguments)
+def test_generate_data_options_parse():
+    args = longspec_hf_cli.build_parser("generate-data").parse_args(
+        ["generate-data", "--target", "toy:llama", "--source", "python-stdlib:train", "--output", "o.jsonl",
+         "--temperatures", "0", "0.7"])
+    assert args.run == "longspec_hf.training.generated:generate_data_cli" and args.temperatures == [0.0, 0.7]
 
 
 def test_train_flags_are_the_train_config_fields():
