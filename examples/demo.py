@@ -22,14 +22,15 @@ import torch
 from longspec_hf.evaluation import prompt_windows
 from longspec_hf.loading import SMOLLM2, load_causal_lm, load_draft, user_prompt
 from longspec_hf.training.data import load_texts
-from longspec_hf.tree import validate_tree_shape
+from longspec_hf.tree import tree_setting, tree_setting_text
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-instruct"
 
 
-def tree_shape_arg(text: str) -> list[int]:
+def tree_shape_arg(text: str) -> list[int] | str:
     try:
-        return list(validate_tree_shape(text))
+        setting = tree_setting(text)
+        return setting if isinstance(setting, str) else list(setting)
     except ValueError as err:  # argparse shows an ArgumentTypeError's own message, one line with the usage
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -51,8 +52,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--context-tokens", type=int, default=2000, help="length of the document in the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--tree-shape", type=tree_shape_arg, default="1,1,1",
-                        help="draft tree widths per level; 1,1,1 is a chain of 3")
+    parser.add_argument("--tree-shape", type=tree_shape_arg, default="auto",
+                        help="auto (each round picks the tree that pays most on this device), or draft tree widths "
+                             "per level: 1,1,1 is a chain of 3")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sample at this temperature instead of greedy decoding (both runs use the same seed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -92,11 +94,17 @@ def main() -> None:
     print(tokenizer.decode(spec[0, input_ids.shape[1]:], skip_special_tokens=True))
     print("----------------------\n")
     stats = draft.stats
-    print(f"tree shape         : {draft.generation_config.tree_shape}")
+    print(f"tree shape         : {tree_setting_text(draft.generation_config.tree_shape)}")
+    if stats.tree_shapes:
+        chosen = ", ".join(f"{name}: {n}" for name, n in sorted(stats.tree_shapes.items(), key=lambda kv: -kv[1])[:4])
+        print(f"trees chosen       : {chosen} (level widths: rounds; none = a plain step)")
     print(f"tau                : {stats.tau:.2f} tokens per target forward ({stats.rounds} rounds)")
     print(f"plain generate()   : {plain_s:.1f} s")
     print(f"with LongSpec draft: {spec_s:.1f} s  (speed-up {plain_s / spec_s:.2f}x, prefill included in both)")
     print(f"identical outputs  : {torch.equal(plain, spec)}")
+    if stats.measure_seconds:
+        print(f"first use          : {stats.measure_seconds:.1f} s of the run timed this device's forwards for the "
+              "automatic tree (kept for later runs)")
 
 
 if __name__ == "__main__":

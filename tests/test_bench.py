@@ -28,7 +28,7 @@ from longspec_hf.bench.runner import warm_up
 from longspec_hf.bench.workloads import middle_truncate
 from longspec_hf.cli import main as cli
 
-TREES = {"longspec_chain": [1, 1], "longspec_tree": [2, 2]}
+TREES = {"longspec_chain": [1, 1], "longspec_tree": [2, 2], "longspec_auto": "auto"}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,10 @@ def test_schema_and_environment(result):
     assert result["schema"] == SCHEMA
     assert {"torch", "transformers", "device", "dtype", "threads", "longspec_hf"} <= set(result["environment"])
     assert [m["name"] for m in result["methods"]] == ["autoregressive", "prompt_lookup", "early_exit",
-                                                     "longspec_chain", "longspec_tree", "self_draft",
-                                                     "longspec_chain_pv16"]
+                                                     "longspec_chain", "longspec_tree", "longspec_auto",
+                                                     "self_draft", "longspec_chain_pv16"]
     assert result["skipped"] == []
-    assert len(result["runs"]) == 2 * 2 * 2 * 7  # workloads x contexts x prompts x methods
+    assert len(result["runs"]) == 2 * 2 * 2 * 8  # workloads x contexts x prompts x methods
     row_keys = {"workload", "context", "method", "tau", "tokens_per_second", "speedup_decode", "speedup_end_to_end",
                 "peak_memory_bytes", "draft_cache_bytes", "target_kv_bytes", "identical", "agreement", "prompts"}
     for row in result["summary"]:
@@ -71,6 +71,16 @@ def test_schema_and_environment(result):
         assert row["prompts"] == 2
         assert set(row["speedup_decode"]) == {"median", "min", "max"}
     json.dumps(result)  # JSON-ready
+
+
+def test_auto_reports_its_trees_and_its_calibration(result):
+    rows = [row for row in result["summary"] if row["method"] == "longspec_auto"]
+    assert len(rows) == 4 and all(row["identical"] for row in rows)
+    for row in rows:
+        assert sum(row["tree_shapes"].values()) > 0
+        assert row["predicted_accepted"] >= 0 and row["accepted_tokens"] >= 0
+    assert [m for m in result["methods"] if m["name"] == "longspec_auto"][0]["tree_shape"] == "auto"
+    assert "Trees chosen by" in markdown_table(result)
 
 
 def test_baseline_is_exactly_one_and_every_method_is_lossless(result):

@@ -218,3 +218,27 @@ def test_target_help_lists_the_offline_names():
     names = ["offline:smollm2", *(f"toy:{f}" for f in toy_families()), *(f"random:{n}" for n in shipped_configs())]
     assert all(name in text for name in names) and "random:<path/to/config.json>" in text
     assert "random:" not in longspec_hf_cli.target_help(random_targets=False)
+
+
+def test_auto_reads_a_cost_report_instead_of_measuring(result, drafters, tmp_path, monkeypatch):
+    """`generation_config.cost_report`: the JSON `longspec cost` wrote feeds tree_shape="auto"'s cost model."""
+    from longspec_hf.cost_model import CostModel
+
+    model = CostModel()
+    added = model.add_cost_report(result, "longspec")
+    assert added == len(result["plain"]) + 3 * sum(r["drafter"] == "longspec" for r in result["rounds"])
+    assert model.has_near("verify", 1, 32) and model.has_near("draft", 1, 64) and model.curve("rest", 1, 64).sizes
+
+    monkeypatch.setenv("LONGSPEC_HF_CACHE", str(tmp_path))  # nothing measured before
+    report = tmp_path / "results.json"
+    report.write_text(json.dumps(result))
+    target, draft = tiny_target("llama"), drafters["longspec"]
+    saved = draft.generation_config.tree_shape
+    draft.generation_config.tree_shape, draft.generation_config.cost_report = "auto", str(report)
+    try:
+        ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(3))
+        out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=8)
+    finally:
+        draft.generation_config.tree_shape, draft.generation_config.cost_report = saved, None
+    assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=8))
+    assert draft.stats.measure_seconds == 0  # the report covers this context

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import longspec_hf_cli
 from longspec_hf import evaluation
 from longspec_hf.loading import load_causal_lm, load_draft
 from longspec_hf.training import data
@@ -47,7 +48,7 @@ def test_installed_corpora_have_no_splits():
 def test_default_domains_and_prompts():
     assert set(evaluation.DEFAULT_DOMAINS.values()) == set(data.INSTALLED_CORPORA)
     parser = argparse.ArgumentParser()
-    evaluation.add_eval_arguments(parser)
+    longspec_hf_cli.add_eval_arguments(parser)
     args = parser.parse_args(["--target", "t", "--draft", "d"])
     assert args.prompts >= 8 and max(args.contexts) == 8192
 
@@ -84,7 +85,7 @@ def test_windows_of_one_stream_serve_every_context(toy):
 def test_eval_cli_writes_every_cell(tmp_path, capsys):
     out = tmp_path / "rows.json"
     parser = argparse.ArgumentParser()
-    evaluation.add_eval_arguments(parser)
+    longspec_hf_cli.add_eval_arguments(parser)
     args = parser.parse_args(["--target", "toy:llama", "--draft", "self", "--contexts", "24", "--max-new-tokens",
                               "2", "--prompts", "8", "--json", str(out)])
     evaluation.evaluate_cli(args)

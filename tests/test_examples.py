@@ -92,11 +92,13 @@ def test_every_example_script_answers_help(path):
     assert "usage:" in done.stdout
 
 
-def test_demo_runs_on_a_toy_target():
+@pytest.mark.parametrize("tree", [["--tree-shape", "2,2"], []], ids=["fixed", "auto"])
+def test_demo_runs_on_a_toy_target(tree):
     done = run_script(EXAMPLES / "demo.py", "--target", "toy:llama", "--context-tokens", "64",
-                      "--max-new-tokens", "6", "--tree-shape", "2,2")
+                      "--max-new-tokens", "6", *tree)
     assert done.returncode == 0, done.stderr
     assert "identical outputs  : True" in done.stdout
+    assert ("tree shape         : auto" in done.stdout) == (not tree)
 
 
 def test_every_example_script_has_a_run_test():

@@ -139,7 +139,7 @@ def test_masked_loss_is_the_mean_over_the_masked_positions(toy):
 
 
 def test_one_training_step_on_generated_data_caches_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("LONGSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LONGSPEC_HF_CACHE", str(tmp_path / "cache"))
     spec = f"generated:{SOURCE}?count=2&new_tokens=6&batch_size=2"
     config = TrainConfig(target="toy:llama", data=[spec], output_dir=str(tmp_path / "draft"), seq_len=24,
                          max_steps=1, warmup_steps=1, window_size=8, sink_size=2)

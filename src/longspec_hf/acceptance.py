@@ -23,7 +23,9 @@ from collections.abc import Sequence
 # Bin edges on the draft's conditional probability q: fine near 0 and 1, where most tokens fall.
 EDGES = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
 PRIOR_WEIGHT = 3.0  # pseudo-observations of the prior per bin
-RANK_PRIOR = (0.35, 0.08, 0.04, 0.02)  # rank-r rates before any observation (ranks beyond: the last value)
+# Rank-r rates before any observation (ranks beyond: the last value). Optimistic on purpose: a draft believed too
+# good costs a few rounds until the evidence says otherwise, one believed too poor is only re-checked by exploration.
+RANK_PRIOR = (0.6, 0.1, 0.05, 0.03)
 
 
 class AcceptanceModel:

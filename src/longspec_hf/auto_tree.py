@@ -35,8 +35,11 @@ from .timing import synchronize
 from .tree import AUTO_ENVELOPE, DraftTree
 
 WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # level widths considered (the envelope's width caps them)
-HORIZON = 2  # levels the lookahead predicts beyond the decision
-EXPLORE_EVERY = 8  # rounds without drafting after which one level is drafted anyway
+HORIZON = 4  # levels the lookahead predicts beyond the decision (a chain's first level often pays only with the next)
+# Drafting the root's level costs one small draft forward but shows the draft's actual confidence, from which the tree
+# (or no tree) is then chosen: worth it when the prediction from past rounds says drafting nearly pays.
+PEEK = 0.95
+EXPLORE_EVERY = 4  # rounds without drafting after which one level is drafted anyway
 FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
 
 
@@ -85,10 +88,20 @@ _MODELS: dict[str, CostModel] = {}  # one model per key in a process, shared by 
 
 
 def cost_model_for(target, drafter) -> CostModel:
+    """The cost model of this target, drafter and device: from the user's cache folder, plus the measurements of a
+    `longspec cost` result if ``drafter.generation_config.cost_report`` names its JSON file."""
     key = cost_key(target, drafter)
-    name = repr(sorted(key.items())) + str(cache_folder())
+    report = getattr(drafter.generation_config, "cost_report", None)
+    name = repr(sorted(key.items())) + str(cache_folder()) + str(report)
     if name not in _MODELS:
-        _MODELS[name] = CostModel.load(key)
+        model = CostModel.load(key)
+        if report:
+            import json
+
+            with open(report) as f:  # its drafters are named by kind: "self_draft" or "longspec"
+                kind = "self_draft" if type(drafter).__name__ == "SelfDraft" else "longspec"
+                model.add_cost_report(json.load(f), kind)
+        _MODELS[name] = model
     return _MODELS[name]
 
 
@@ -211,7 +224,8 @@ class AutoTree:
             go = False
         else:
             stop = self.expected / self.seconds(self.draft_seconds, self.nodes)
-            go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > stop
+            margin = PEEK if depth == 0 else 1.0
+            go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > margin * stop
             if not go and depth == 0 and self.rounds_without_draft + 1 >= EXPLORE_EVERY:
                 go = True  # keep the acceptance model learning while the draft does not pay
         now = time.perf_counter()

@@ -104,6 +104,29 @@ class CostModel:
             del samples[oldest]
         self.changed = True
 
+    def add_cost_report(self, report: dict, drafter: str) -> int:
+        """Measurements from a `longspec cost` result (its JSON) for one of its drafters ("longspec" or
+        "self_draft"), for one row: a plain step is a verification of the root alone; a round's verification (and
+        acceptance) of `1 + sum(tree)` nodes and its rest come from its parts; its draft time, spread evenly over the
+        levels that ran through the draft, gives a draft forward at their mean width. Returns the samples added."""
+        added = 0
+        for plain in report.get("plain", []):
+            self.add("verify", 1, plain["context"], 1, plain["step_ms"] / 1000, anchor=True)
+            added += 1
+        for row in report.get("rounds", []):
+            parts = row.get("parts_ms")
+            if row.get("drafter") != drafter or not parts:
+                continue
+            context, nodes, shape = row["context"], row["nodes"], row["tree_shape"]
+            self.add("verify", 1, context, nodes, (parts["verify"] + parts.get("accept", 0.0)) / 1000, anchor=True)
+            self.add("rest", 1, context, nodes, (parts.get("commit", 0.0) + parts.get("other", 0.0)) / 1000,
+                     anchor=True)
+            levels = [1, *shape[:-1]]  # the last level's nodes never run through the draft
+            self.add("draft", 1, context, round(sum(levels) / len(levels)), parts["draft"] / 1000 / len(levels),
+                     anchor=True)
+            added += 3
+        return added
+
     def has_near(self, kind: str, rows: int, context: int) -> bool:
         """Whether a measurement (not only round samples) exists for this batch size near this context."""
         log_context = math.log(max(context, 1))

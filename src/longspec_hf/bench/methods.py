@@ -29,6 +29,8 @@ class MethodOutput:
     draft_cache_bytes: int | None = None
     target_forwards: int | None = None  # None: counted by a hook on the target's last decoder layer
     tree_shapes: dict[str, int] | None = None  # under tree_shape="auto": rounds per tree chosen
+    # under "auto": accepted draft tokens its acceptance model expected, and those accepted
+    predicted_accepted: tuple[float, int] | None = None
 
 
 @dataclass
@@ -169,7 +171,9 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
         stats = draft.stats
         return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1,
-                            tree_shapes=dict(stats.tree_shapes) or None)
+                            tree_shapes=dict(stats.tree_shapes) or None,
+                            predicted_accepted=(stats.predicted_accepted, stats.accepted_tokens)
+                            if stats.tree_shapes else None)
 
     settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {})}
     # "auto" times a few forwards the first time it meets a context length (then reuses them): warm up per context,

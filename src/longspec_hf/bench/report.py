@@ -34,7 +34,9 @@ def markdown_table(result: dict) -> str:
     if chosen:
         lines += ["", "Trees chosen by `tree_shape=\"auto\"` (level widths: rounds; none = a plain step):"]
         lines += [f"- {row['workload']} {row['context']} {row['method']}: "
-                  + ", ".join(f"{name}: {n}" for name, n in list(row["tree_shapes"].items())[:6]) for row in chosen]
+                  + ", ".join(f"{name}: {n}" for name, n in list(row["tree_shapes"].items())[:6])
+                  + (f" (accepted draft tokens: {row['accepted_tokens']}, predicted {row['predicted_accepted']:.0f})"
+                     if "predicted_accepted" in row else "") for row in chosen]
     for skip in result["skipped"]:
         lines.append(f"\nSkipped {skip['method']}: {skip['reason']}.")
     return "\n".join(lines)

@@ -102,6 +102,7 @@ def run_method(target, method: Method, input_ids, prompt_cache, prefill_seconds:
         "peak_memory_bytes": memory["peak_bytes"],
         "draft_cache_bytes": draft_bytes,
         **({"tree_shapes": output.tree_shapes} if output.tree_shapes else {}),
+        **({"predicted_accepted": list(output.predicted_accepted)} if output.predicted_accepted else {}),
     }
 
 
@@ -214,8 +215,17 @@ def summarize(runs: list[dict]) -> list[dict]:
             "agreement": statistics.mean(r["agreement"] for r in group),
             "decode_timing": group[0]["decode_timing"],
             **({"tree_shapes": shapes} if (shapes := merged_counts(r.get("tree_shapes") for r in group)) else {}),
+            **calibration(group),
         })
     return rows
+
+
+def calibration(group: list[dict]) -> dict:
+    """Under tree_shape="auto": accepted draft tokens predicted by its acceptance model vs accepted, over prompts."""
+    pairs = [r["predicted_accepted"] for r in group if "predicted_accepted" in r]
+    if not pairs:
+        return {}
+    return {"predicted_accepted": sum(p for p, _ in pairs), "accepted_tokens": sum(a for _, a in pairs)}
 
 
 def merged_counts(counts) -> dict[str, int]:

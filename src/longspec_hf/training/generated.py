@@ -11,7 +11,7 @@ options after ``?``, ``&``-separated::
 Options: ``temperature`` (comma-separated; 0 = greedy, else pure temperature sampling: no top-k/top-p), ``count``
 (prompts, default 64), ``new_tokens`` (128), ``prompt_len`` (default: the training ``seq_len`` minus
 ``new_tokens``, so prompt + continuation is one training sequence), ``batch_size`` (4), ``seed`` (0), ``cache`` (the
-file; default ``<cache dir>/generated/<source>-<key>.jsonl`` where the cache dir is ``$LONGSPEC_CACHE``, else
+file; default ``<cache dir>/generated/<source>-<key>.jsonl`` where the cache dir is ``$LONGSPEC_HF_CACHE``, else
 ``$XDG_CACHE_HOME/longspec_hf``, else ``~/.cache/longspec_hf``) and ``loss`` (``continuation``, the default: the
 prompt is context and only the continuation is scored; ``all``: every token is).
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, fields
@@ -37,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import cache_kwarg
+from ..cost_model import cache_folder
 from .data import GENERATED_PREFIX, load_texts, pack
 
 GENERATED_COLUMNS = ("prompt_ids", "continuation_ids")
@@ -97,9 +97,7 @@ def parse_option(key: str, value: str):
 def default_cache_dir() -> Path:
     """Where generated files go unless ``cache=`` names one: a per-user cache folder, never the output folder (which
     --overwrite deletes)."""
-    if os.environ.get("LONGSPEC_CACHE"):
-        return Path(os.environ["LONGSPEC_CACHE"]) / "generated"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longspec_hf" / "generated"
+    return cache_folder() / "generated"
 
 
 def weights_fingerprint(model) -> str:
