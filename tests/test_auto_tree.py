@@ -188,3 +188,13 @@ def test_cost_curves_plot(tmp_path):
     model = FrozenCost(**CPU_LIKE)
     path = plot_curves(model, [1000, 4000], tmp_path / "cost_model.png")
     assert path.stat().st_size > 1000
+
+
+def test_rank_rates_are_kept_per_depth():
+    model = AcceptanceModel()
+    for i in range(300):
+        model.observe([0.6], [i % 4 == 0], depth=0)  # the first token is often missed ...
+        model.observe([0.6], [i % 10 != 0], depth=2)  # ... a draft on track stays on it
+    assert model.rank_rate(0, 0) == pytest.approx(0.25, abs=0.03)
+    assert model.rank_rate(0, 2) == pytest.approx(0.9, abs=0.03)
+    assert model.rank_rate(0, 7) == model.rank_rate(0, 3)  # depths past the last bucket share it

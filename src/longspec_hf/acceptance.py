@@ -8,8 +8,9 @@ a calibration of that probability, learned online from the rounds of the current
   observations per bin) and made non-decreasing (a more confident token is never predicted to be accepted less).
 * a node's acceptance probability is the product of ``h`` along its path (acceptances at successive depths are taken
   as independent, as Sequoia does), so the expected accepted tokens of a tree is the sum over its nodes.
-* ``rank_rate(r)``: how often the draft's `r`-th most likely child (0-based) is the target's token, used to predict
-  a level before it is drafted.
+* ``rank_rate(r, depth)``: how often the draft's `r`-th most likely child (0-based) of an accepted node at `depth`
+  is the target's token, used to predict a level before it is drafted. Kept per depth (0, 1, 2, 3 and deeper):
+  once a draft is on the target's track it tends to stay there, so deeper levels are often accepted more.
 
 Every candidate child of an accepted node is an observation, drafted into the tree or not: its token either is or
 is not the token the target emitted after that node.
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 # Bin edges on the draft's conditional probability q: fine near 0 and 1, where most tokens fall.
 EDGES = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
 PRIOR_WEIGHT = 3.0  # pseudo-observations of the prior per bin
+DEPTHS = 4  # rank rates kept for parents at depth 0, 1, 2 and 3 or deeper
 # Rank-r rates before any observation (ranks beyond: the last value). Optimistic on purpose: a draft believed too
 # good costs a few rounds until the evidence says otherwise, one believed too poor is only re-checked by exploration.
 RANK_PRIOR = (0.6, 0.1, 0.05, 0.03)
@@ -35,20 +37,21 @@ class AcceptanceModel:
         centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
         self.hits = [PRIOR_WEIGHT * c for c in centers]
         self.trials = [PRIOR_WEIGHT] * len(centers)
-        self.rank_hits = [PRIOR_WEIGHT * RANK_PRIOR[min(r, len(RANK_PRIOR) - 1)] for r in range(ranks)]
-        self.rank_trials = [PRIOR_WEIGHT] * ranks
+        self.rank_hits = [[PRIOR_WEIGHT * rank_prior(r) for r in range(ranks)] for _ in range(DEPTHS)]
+        self.rank_trials = [[PRIOR_WEIGHT] * ranks for _ in range(DEPTHS)]
         self._table: list[float] | None = None
 
-    def observe(self, probabilities: Sequence[float], accepted: Sequence[bool]) -> None:
-        """Candidate children of one accepted node, in the draft's rank order: their draft probabilities and which
-        one (if any) is the target's token."""
+    def observe(self, probabilities: Sequence[float], accepted: Sequence[bool], depth: int = 0) -> None:
+        """Candidate children of one accepted node at `depth`, in the draft's rank order: their draft probabilities
+        and which one (if any) is the target's token."""
+        hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
         for rank, (q, hit) in enumerate(zip(probabilities, accepted, strict=True)):
             b = bin_of(q)
             self.hits[b] += hit
             self.trials[b] += 1
-            if rank < len(self.rank_hits):
-                self.rank_hits[rank] += hit
-                self.rank_trials[rank] += 1
+            if rank < len(hits):
+                hits[rank] += hit
+                trials[rank] += 1
         self._table = None
 
     def forget(self, keep: float = 0.5) -> None:
@@ -57,10 +60,10 @@ class AcceptanceModel:
         for b, c in enumerate(centers):
             self.hits[b] = PRIOR_WEIGHT * c + keep * (self.hits[b] - PRIOR_WEIGHT * c)
             self.trials[b] = PRIOR_WEIGHT + keep * (self.trials[b] - PRIOR_WEIGHT)
-        for r in range(len(self.rank_hits)):
-            prior = PRIOR_WEIGHT * RANK_PRIOR[min(r, len(RANK_PRIOR) - 1)]
-            self.rank_hits[r] = prior + keep * (self.rank_hits[r] - prior)
-            self.rank_trials[r] = PRIOR_WEIGHT + keep * (self.rank_trials[r] - PRIOR_WEIGHT)
+        for hits, trials in zip(self.rank_hits, self.rank_trials, strict=True):
+            for r in range(len(hits)):
+                hits[r] = PRIOR_WEIGHT * rank_prior(r) + keep * (hits[r] - PRIOR_WEIGHT * rank_prior(r))
+                trials[r] = PRIOR_WEIGHT + keep * (trials[r] - PRIOR_WEIGHT)
         self._table = None
 
     def table(self) -> list[float]:
@@ -72,9 +75,14 @@ class AcceptanceModel:
     def h(self, q: float) -> float:
         return self.table()[bin_of(q)]
 
-    def rank_rate(self, rank: int) -> float:
-        rank = min(rank, len(self.rank_hits) - 1)
-        return self.rank_hits[rank] / self.rank_trials[rank]
+    def rank_rate(self, rank: int, depth: int = 0) -> float:
+        hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
+        rank = min(rank, len(hits) - 1)
+        return hits[rank] / trials[rank]
+
+
+def rank_prior(rank: int) -> float:
+    return RANK_PRIOR[min(rank, len(RANK_PRIOR) - 1)]
 
 
 def bin_of(q: float) -> int:

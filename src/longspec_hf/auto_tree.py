@@ -198,10 +198,10 @@ class AutoTree:
         """The best rate reachable by drafting up to HORIZON more levels from `frontier` (acceptance of the current
         level's nodes, averaged over rows), each level predicted from the rank acceptance rates."""
         best = -math.inf
-        rates = [self.acceptance.rank_rate(r) for r in range(self.max_width)]
         for level in range(HORIZON):
             if depth + level >= self.depth_cap or not frontier:
                 break
+            rates = [self.acceptance.rank_rate(r, depth + level) for r in range(self.max_width)]
             draft_seconds += self.draft_curve(len(frontier))
             parents = sorted(frontier, reverse=True)[:FRONTIER]
             children = sorted((a * r for a in parents for r in rates), reverse=True)[: self.max_width]
@@ -284,10 +284,11 @@ class AutoTree:
         levels = [(first, ids.tolist(), values.exp().tolist()) for first, ids, values in self.levels]
         for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
             for node, token in zip([0, *path], tokens, strict=True):
-                for first, ids, probabilities in levels:
+                for depth, (first, ids, probabilities) in enumerate(levels):
                     if first <= node < first + len(ids[row]):
                         local = node - first
-                        self.acceptance.observe(probabilities[row][local], [t == token for t in ids[row][local]])
+                        self.acceptance.observe(probabilities[row][local], [t == token for t in ids[row][local]],
+                                                depth)
         if self.stats is not None:
             name = ",".join(map(str, self.shape)) or "none"
             self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1
