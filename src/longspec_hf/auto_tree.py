@@ -33,12 +33,14 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, cache_folder
 from .timing import synchronize
 from .tree import AUTO_ENVELOPE, DraftTree
+from .verify import verify_tree
 
 WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # level widths considered (the envelope's width caps them)
 HORIZON = 4  # levels the lookahead predicts beyond the decision (a chain's first level often pays only with the next)
 # Drafting the root's level costs one small draft forward but shows the draft's actual confidence, from which the tree
 # (or no tree) is then chosen: worth it when the prediction from past rounds says drafting nearly pays.
 PEEK = 0.95
+REFIT_EVERY = 8  # rounds between refits of the cost curves (a fit reads every stored sample: not per round)
 EXPLORE_EVERY = 4  # rounds without drafting after which one level is drafted anyway
 FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
 
@@ -137,11 +139,13 @@ class AutoTree:
         self.rounds_without_draft = 0
         self._round_start: float | None = None
         self._previous: tuple[int, int, int, float, float] | None = None  # rows, context, nodes, draft s, verify s
+        self._fit: tuple[int, int] | None = None  # (rows, context) the curves were fitted at
+        self._rounds_since_fit = 0
 
     # ----------------------------------------------------------------------------------------------------------------
     # first use: a few timed forwards
 
-    def measure(self, target, state, drafter, draft_state, roots: torch.Tensor, attn_backend: str, verify) -> float:
+    def measure(self, target, state, drafter, draft_state, roots: torch.Tensor, attn_backend: str) -> float:
         """Time verification and draft forwards at this context if the cost model has no measurement near it;
         returns the seconds spent. The target's cache and the draft's state are left as they were."""
         rows, context = roots.shape[0], state.cache.get_seq_length()
@@ -155,7 +159,7 @@ class AutoTree:
             for size in tree_sizes:
                 synchronize(self.device)
                 t0 = time.perf_counter()
-                verify(target, state, star_tree(roots, size), attn_backend)
+                verify_tree(target, state, star_tree(roots, size), attn_backend)
                 synchronize(self.device)
                 self.cost.add("verify", rows, context, size, time.perf_counter() - t0, anchor=True)
                 state.cache.crop(-size)
@@ -165,7 +169,7 @@ class AutoTree:
             drafter.draft(draft_state, roots, state.next_positions, state, self)
             drafter.discard(draft_state)
             self.forced = None
-            self._round_start = None
+            self._round_start = self._fit = None  # refit with the new measurements
         return time.perf_counter() - start
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -179,9 +183,13 @@ class AutoTree:
             self.cost.add("rest", p_rows, p_context, p_nodes, max(now - self._round_start - p_draft - p_verify, 0.0))
         self._round_start, self._previous = now, None
         self.context, self.rows, self.depth_cap = context, rows, max(min(room, len(self.envelope)), 0)
-        self.verify_curve = self.cost.curve("verify", rows, context)
-        self.draft_curve = self.cost.curve("draft", rows, context)
-        self.rest_curve = self.cost.curve("rest", rows, context)
+        self._rounds_since_fit += 1
+        if self._fit is None or self._fit[0] != rows or self._rounds_since_fit >= REFIT_EVERY \
+                or abs(context - self._fit[1]) > 0.05 * self._fit[1]:
+            self.verify_curve = self.cost.curve("verify", rows, context)
+            self.draft_curve = self.cost.curve("draft", rows, context)
+            self.rest_curve = self.cost.curve("rest", rows, context)
+            self._fit, self._rounds_since_fit = (rows, context), 0
         self.expected = float(rows)  # every row emits its bonus token
         self.nodes, self.draft_seconds = 1, 0.0
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row

@@ -285,7 +285,7 @@ def speculative_generate(
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
     if auto is not None and active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
-        stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend, verify_tree)
+        stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend)
 
     while active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
