@@ -130,6 +130,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit layer of transformers' early-exit drafting (default: a quarter of the layers)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
                         help="tokens drafted per step by transformers' prompt lookup")
+    parser.add_argument("--lookup-branch", type=int, nargs="+", default=[], metavar="L",
+                        help="also run every LongSpec tree with a prompt-lookup branch of L tokens grafted on "
+                             "(prompt_lookup_num_tokens=L; methods named <tree>_pl<L>)")
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                         help="add plain generate() with a static cache and torch.compile (transformers' compiled "
                              "decoding), next to eager plain generate() (default: on for CUDA, off for CPU, where "
@@ -218,6 +221,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "stdlib=python-stdlib:heldout")
     parser.add_argument("--tree-shape", nargs="+", default=None, metavar="W",
                         help="level widths (e.g. 1 1 1 or 4 16 16), or auto (default: the draft's own)")
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="L",
+                        help="graft a prompt-lookup branch of L tokens onto every tree (0: none; default: the "
+                             "draft's own prompt_lookup_num_tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")

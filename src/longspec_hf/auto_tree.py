@@ -175,7 +175,9 @@ class AutoTree:
     # ----------------------------------------------------------------------------------------------------------------
     # one round
 
-    def begin_round(self, context: int, rows: int, room: int) -> AutoTree:
+    def begin_round(self, context: int, rows: int, room: int, extra_nodes: int = 0) -> AutoTree:
+        """Start a round at `context` committed slots for `rows` rows, at most `room` levels deep; `extra_nodes` will
+        be verified with the tree whatever it is (a prompt-lookup branch), so the draft's nodes are priced on top."""
         synchronize(self.device)
         now = time.perf_counter()
         if self._previous is not None and self._round_start is not None:
@@ -191,7 +193,8 @@ class AutoTree:
             self.rest_curve = self.cost.curve("rest", rows, context)
             self._fit, self._rounds_since_fit = (rows, context), 0
         self.expected = float(rows)  # every row emits its bonus token
-        self.nodes, self.draft_seconds = 1, 0.0
+        self.nodes, self.draft_seconds = 1 + extra_nodes, 0.0  # nodes to verify
+        self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
         self.level_means = [1.0]
         self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first node, top-K ids, top-K log-probs)
@@ -255,7 +258,7 @@ class AutoTree:
         self.draft_end = now
         if self.forced is not None:
             return self.forced[depth]
-        self.levels.append((self.nodes - width, top.indices, top.values))
+        self.levels.append((self.tree_nodes - width, top.indices, top.values))
         h = self.acceptance.h
         candidates = [[self.level_acceptance[r][p] * h(q) for p, q in zip(parents[r], probabilities[r], strict=True)]
                       for r in range(self.rows)]  # [B][K], in beam order
@@ -274,6 +277,7 @@ class AutoTree:
         if keep:
             self.expected += self.rows * gains[keep]
             self.nodes += keep
+            self.tree_nodes += keep
             self.level_acceptance = [row[:keep] for row in candidates]
             self.level_means = means[:keep]
             self.shape.append(keep)

@@ -49,7 +49,7 @@ def prompt_windows(tokenizer, texts: list[str], context: int, count: int) -> lis
 
 
 def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: int) -> dict:
-    rounds = accepted = 0
+    rounds = accepted = lookup = 0
     seconds = 0.0
     for ids in prompts:
         start = time.perf_counter()
@@ -57,8 +57,9 @@ def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: 
         seconds += time.perf_counter() - start
         rounds += draft.stats.rounds
         accepted += draft.stats.accepted_tokens
+        lookup += draft.stats.lookup_accepted_tokens
     return {"tau": (accepted + rounds) / max(rounds, 1), "rounds": rounds, "accepted_tokens": accepted,
-            "prompts": len(prompts), "seconds": round(seconds, 2)}
+            "lookup_accepted_tokens": lookup, "prompts": len(prompts), "seconds": round(seconds, 2)}
 
 
 def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[int], max_new_tokens: int,
@@ -102,9 +103,13 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     draft = load_draft(args.draft, target)
     if args.tree_shape:
         draft.generation_config.tree_shape = tree_setting(",".join(args.tree_shape))
+    if getattr(args, "prompt_lookup", None) is not None:
+        draft.generation_config.prompt_lookup_num_tokens = args.prompt_lookup
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
     rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts)
-    print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}, greedy, {args.max_new_tokens} new "
+    lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
+    print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
+          f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
           "tokens per prompt")
     print(markdown_table(rows))
     if args.json:

@@ -30,6 +30,7 @@ from .auto_tree import AutoTree, cost_model_for
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
 from .drafting import Drafter
+from .lookup import NgramIndex, graft_chain, lookup_chains
 from .specpv import PartialVerifier, SpecPVConfig
 from .timing import RoundTimer
 from .tree import AUTO, setting_envelope, tree_setting
@@ -56,6 +57,8 @@ class SpeculativeStats:
         predicted_accepted: under "auto", the accepted draft tokens the acceptance model expected, summed over
             rounds (compare with `accepted_tokens` for its calibration).
         measure_seconds: under "auto", seconds spent timing forwards for the cost model (first use at a context).
+        lookup_accepted_tokens: with ``prompt_lookup_num_tokens``, accepted tokens that came from the lookup branch
+            (beyond what the draft's own tree proposed); included in `accepted_tokens`.
     """
 
     rounds: int = 0
@@ -70,6 +73,7 @@ class SpeculativeStats:
     tree_shapes: dict[str, int] = field(default_factory=dict)
     predicted_accepted: float = 0.0
     measure_seconds: float = 0.0
+    lookup_accepted_tokens: int = 0
 
     @property
     def tau(self) -> float:
@@ -148,6 +152,23 @@ def token_selector(generation_config: GenerationConfig):
     if generation_config.do_sample:
         return lambda scores: int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1))
     return lambda scores: int(scores[0].argmax())
+
+
+def lookup_setting(generation_config: GenerationConfig, drafter: Drafter) -> tuple[int, int]:
+    """`(L, n)`: tokens of the prompt-lookup branch grafted onto each round's tree (0: none) and the longest n-gram
+    matched. The call's ``prompt_lookup_num_tokens`` / ``max_matching_ngram_size`` (transformers' own options) win over
+    the draft's ``generation_config``."""
+    values = []
+    for name, default in (("prompt_lookup_num_tokens", 0), ("max_matching_ngram_size", 2)):
+        value = getattr(generation_config, name, None)
+        if value is None:
+            value = getattr(drafter.generation_config, name, None)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and default):
+            raise ValueError(f"{name} must be a {'non-negative' if not default else 'positive'} int (e.g. "
+                             f"prompt_lookup_num_tokens=4, max_matching_ngram_size=2); got {value!r}.")
+        values.append(value)
+    return values[0], values[1]
 
 
 def emit(tokens: list[int], sequence: torch.LongTensor, stopping_criteria, scores: torch.Tensor,
@@ -232,6 +253,7 @@ def speculative_generate(
     setting = tree_setting(getattr(drafter.generation_config, "tree_shape", None))
     attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
     specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
+    lookup, max_ngram = lookup_setting(generation_config, drafter)
     partial = None if specpv is None else PartialVerifier(specpv)
     select = token_selector(generation_config)
     # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
@@ -250,7 +272,7 @@ def speculative_generate(
     #    into a cache preallocated for the whole generation; the draft fills its constant-size cache
     user_cache = prompt_cache(model_kwargs)
     cached = 0 if user_cache is None else user_cache.get_seq_length()
-    cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting))
+    cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting) + (lookup,))
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
     else:
@@ -281,6 +303,11 @@ def speculative_generate(
     stats.new_tokens = batch
     if streamer is not None:
         streamer.put(sequences[0][:, -1:].cpu())
+    indexes = None
+    if lookup:  # each row's text on the host (padding dropped), indexed once; rounds then extend it
+        host_ids, host_mask = input_ids.tolist(), None if mask is None else mask.tolist()
+        indexes = {b: NgramIndex([t for j, t in enumerate(host_ids[b]) if host_mask is None or host_mask[b][j]]
+                                 + [last_tokens[b]], max_ngram) for b in active}
     if len(active) < batch:
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
     if auto is not None and active:
@@ -292,12 +319,18 @@ def speculative_generate(
         root_positions = state.next_positions
         # 3. draft a tree per row, no deeper than the tokens any row may still produce ("auto" decides each level)
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
+        chains = None if indexes is None else lookup_chains([indexes[b] for b in active], min(lookup, room),
+                                                            roots.device)  # [A, L] or None
+        extra = 0 if chains is None else chains.shape[1]
         if auto is None:
             shape = setting[: max(room, 0)]
         else:
-            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room)
+            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room, extra)
         with timer("draft"):
             tree = drafter.draft(draft_state, roots, root_positions, state, shape)
+            drafted = len(tree)
+            if chains is not None:  # 3b. the prompt-lookup branch (its nodes come after the draft's)
+                tree = graft_chain(tree, chains)
         # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
         with timer("verify"):
             if partial is None:
@@ -343,12 +376,15 @@ def speculative_generate(
             last_tokens[b] = new_tokens[i][-1]
             if streamer is not None:
                 streamer.put(sequences[b][:, -appended:].cpu())
+            if indexes is not None:
+                indexes[b].extend(new_tokens[i][:appended])
             stats.new_tokens += appended
             if not finished:
                 still_active.append(b)
         stats.rounds += 1
         stats.drafted_tokens += (len(tree) - 1) * len(active)
         stats.accepted_tokens += sum(len(p) for p in paths)
+        stats.lookup_accepted_tokens += sum(node >= drafted for p in paths for node in p)
         stats.acceptance_lengths.extend(len(p) for p in paths)
         if len(still_active) < len(active):
             keep_rows(state, drafter, draft_state, still_active, active, partial)

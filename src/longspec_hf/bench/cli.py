@@ -27,7 +27,8 @@ def bench_cli(args: argparse.Namespace) -> dict:
     # Compiling is the choice on a GPU; on a CPU it takes minutes per context length, so it is asked for there.
     compiled = args.compiled if args.compiled is not None else device.type == "cuda"
     methods = default_methods(target, draft, trees, args.early_exit_layer, args.prompt_lookup_tokens, self_tree,
-                              args.self_draft_window, args.specpv_budgets, args.attn_backend, compiled)
+                              args.self_draft_window, args.specpv_budgets, args.attn_backend, compiled,
+                              args.lookup_branch)
     if args.methods:
         unknown = set(args.methods) - {m.name for m in methods}
         if unknown:

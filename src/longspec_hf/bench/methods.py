@@ -153,21 +153,22 @@ def early_exit(target, layer: int | None = None) -> Method:
                   settings={"assistant_early_exit": layer})
 
 
-def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: dict | None = None) -> Method:
+def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: dict | None = None,
+                lookup: int = 0) -> Method:
     """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own; "auto":
-    chosen per round) and, optionally, SpecPV partial verification settings (approximate: its `identical` column may
-    say no)."""
+    chosen per round), optionally a prompt-lookup branch of `lookup` tokens on every tree, and optionally SpecPV
+    partial verification settings (approximate: its `identical` column may say no)."""
     setting = tree_setting(tree_shape if tree_shape else getattr(draft.generation_config, "tree_shape", None))
     shape = setting if setting == AUTO else list(setting)
 
     def generate(target, input_ids, cache, max_new_tokens):
         config = draft.generation_config
-        saved = config.tree_shape, getattr(config, "specpv", None)
-        config.tree_shape, config.specpv = shape, specpv
+        saved = config.tree_shape, getattr(config, "specpv", None), getattr(config, "prompt_lookup_num_tokens", None)
+        config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = shape, specpv, lookup
         try:
             out = greedy(target, input_ids, max_new_tokens, cache=cache, assistant_model=draft)
         finally:
-            config.tree_shape, config.specpv = saved
+            config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = saved
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
         stats = draft.stats
         return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1,
@@ -175,17 +176,19 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
                             predicted_accepted=(stats.predicted_accepted, stats.accepted_tokens)
                             if stats.tree_shapes else None)
 
-    settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {})}
+    settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {}),
+                **({"prompt_lookup_num_tokens": lookup} if lookup else {})}
     # "auto" times a few forwards the first time it meets a context length (then reuses them): warm up per context,
     # so the timed calls show its steady state; the measuring cost is reported by the decode loop's stats.
     return Method(name, generate, settings=settings, warmup="per_context" if shape == AUTO else "once")
 
 
-def longspec(draft, tree_shape: list[int] | str | None, name: str = "longspec", specpv: dict | None = None) -> Method:
+def longspec(draft, tree_shape: list[int] | str | None, name: str = "longspec", specpv: dict | None = None,
+             lookup: int = 0) -> Method:
     """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
     if draft is None:
         return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
-    return speculative(draft, tree_shape, name, specpv)
+    return speculative(draft, tree_shape, name, specpv, lookup)
 
 
 def self_draft(target, tree_shape: list[int] | str | None = None, sink_size: int = 4, window_size: int = 512,
@@ -212,9 +215,10 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
                     early_exit_layer: int | None = None, prompt_lookup_tokens: int = 10,
                     self_draft_tree: list[int] | str | None = AUTO,
                     self_draft_window: int = 512, specpv_budgets: list[int] = (),
-                    attn_backend: str = "auto", compiled: bool = False) -> list[Method]:
+                    attn_backend: str = "auto", compiled: bool = False, lookup_branches: list[int] = ()) -> list[Method]:
     """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
-    LongSpec per tree shape (name -> shape), the self-speculative draft (unless `self_draft_tree` is None), and per
+    LongSpec per tree shape (name -> shape), again per tree with a prompt-lookup branch of each length in
+    `lookup_branches` (named `<tree>_pl<L>`), the self-speculative draft (unless `self_draft_tree` is None), and per
     SpecPV budget (tokens) the first LongSpec tree with partial verification (the self-draft's when there is no
     LongSpec draft)."""
     trees = trees if trees is not None else {"longspec_auto": AUTO, "longspec_chain": [1, 1, 1],
@@ -222,6 +226,8 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
     methods = [autoregressive()] + ([compiled_static(target)] if compiled else [])
     methods += [prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
     methods += [longspec(draft, shape, name) for name, shape in trees.items()]
+    methods += [longspec(draft, shape, f"{name}_pl{length}", lookup=length)
+                for length in lookup_branches for name, shape in trees.items()]
     if self_draft_tree is not None:
         methods.append(self_draft(target, self_draft_tree, window_size=self_draft_window,
                                   attn_backend=attn_backend))
