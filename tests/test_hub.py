@@ -23,7 +23,8 @@ from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_che
 from longspec_hf.cli import main as cli
 
 CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "configuration",
-                "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "specpv", "timing", "tree", "verify"}
+                "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "specpv", "timing", "tree",
+                "verify"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:

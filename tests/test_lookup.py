@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import GPU_LIKE, OracleDrafter, plain_greedy, random_prompt, tiny_target
-from test_sampling import PROMPT, SAMPLES, chi_square_p_value, exact_last_two, fresh_draft, sample_last_two, \
-    small_vocab_target
+from test_sampling import (
+    PROMPT,
+    SAMPLES,
+    chi_square_p_value,
+    exact_last_two,
+    fresh_draft,
+    sample_last_two,
+    small_vocab_target,
+)
 
 import longspec_hf.generation as generation
 from longspec_hf import LongSpecDraftModel, build_beam_tree

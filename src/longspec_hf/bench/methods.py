@@ -215,7 +215,8 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
                     early_exit_layer: int | None = None, prompt_lookup_tokens: int = 10,
                     self_draft_tree: list[int] | str | None = AUTO,
                     self_draft_window: int = 512, specpv_budgets: list[int] = (),
-                    attn_backend: str = "auto", compiled: bool = False, lookup_branches: list[int] = ()) -> list[Method]:
+                    attn_backend: str = "auto", compiled: bool = False,
+                    lookup_branches: list[int] = ()) -> list[Method]:
     """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
     LongSpec per tree shape (name -> shape), again per tree with a prompt-lookup branch of each length in
     `lookup_branches` (named `<tree>_pl<L>`), the self-speculative draft (unless `self_draft_tree` is None), and per
