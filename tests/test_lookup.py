@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GPU_LIKE, OracleDrafter, plain_greedy, random_prompt, tiny_target
+from conftest import CPU_LIKE, GPU_LIKE, OracleDrafter, plain_greedy, random_prompt, tiny_target
 from test_sampling import (
     PROMPT,
     SAMPLES,
@@ -204,3 +204,30 @@ def test_lookup_branches_with_self_draft_and_specpv_are_lossless(family, kind):
     ones = torch.ones_like(ids)
     out = target.generate(ids, attention_mask=ones, assistant_model=draft, do_sample=False, max_new_tokens=40)
     assert torch.equal(out, plain_greedy(target, ids, attention_mask=ones, max_new_tokens=40))
+
+
+@pytest.mark.parametrize("costs", ["cpu", "gpu"])
+def test_auto_verifies_the_lookup_branch_where_it_pays(costs, device_costs):
+    device_costs(**(CPU_LIKE if costs == "cpu" else GPU_LIKE))
+    target = tiny_target("llama")  # its text does not repeat: the branch is rarely right
+    out, expected, stats = generate_with_lookup(target, cycling_prompt(target), "auto", new_tokens=60)
+    assert torch.equal(out, expected)
+    if costs == "gpu":  # nodes are nearly free: always worth verifying
+        assert stats.lookup_rounds >= stats.rounds * 0.75
+    else:  # each node costs half a step: after the first tries, only the exploration rounds
+        assert stats.lookup_rounds <= stats.rounds * 0.5
+
+
+def test_the_lookup_rule_weighs_its_tokens_against_the_seconds_its_nodes_add():
+    from conftest import FrozenCost
+
+    from longspec_hf.acceptance import AcceptanceModel
+    from longspec_hf.auto_tree import AutoTree
+
+    auto = AutoTree(FrozenCost(**CPU_LIKE), AcceptanceModel(), torch.device("cpu"))
+    auto.lookup_gain = 2.0  # tokens per round; a round of one node makes 1 token per step
+    assert auto.begin_round(1000, 1, 8, lookup_nodes=2).lookup  # 2 nodes add one step: 2 tokens pay for it
+    assert not auto.begin_round(1000, 1, 8, lookup_nodes=6).lookup  # 6 nodes add three steps
+    assert auto.nodes == 1
+    auto.rounds_without_lookup = 3  # but it is tried every few rounds, to keep its estimate current
+    assert auto.begin_round(1000, 1, 8, lookup_nodes=6).lookup and auto.nodes == 7

@@ -43,6 +43,9 @@ PEEK = 0.95
 REFIT_EVERY = 8  # rounds between refits of the cost curves (a fit reads every stored sample: not per round)
 EXPLORE_EVERY = 4  # rounds without drafting after which one level is drafted anyway
 FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
+# A prompt-lookup branch's accepted tokens beyond the draft's, per row and round: an optimistic prior (it is tried
+# early) worth one round, then a running mean over the last LOOKUP_MEMORY rounds that used it.
+LOOKUP_PRIOR, LOOKUP_MEMORY = 1.0, 16
 
 
 def measure_sizes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -141,6 +144,10 @@ class AutoTree:
         self._previous: tuple[int, int, int, float, float] | None = None  # rows, context, nodes, draft s, verify s
         self._fit: tuple[int, int] | None = None  # (rows, context) the curves were fitted at
         self._rounds_since_fit = 0
+        self.lookup = self._lookup_offered = False  # whether this round verifies the prompt-lookup branch (offered)
+        self.lookup_gain, self._lookup_weight = LOOKUP_PRIOR, 1.0
+        self.rounds_without_lookup = 0
+        self._last_round = (1.0, 1, 0.0)  # per row: expected tokens, tree nodes, draft seconds of the last round
 
     # ----------------------------------------------------------------------------------------------------------------
     # first use: a few timed forwards
@@ -175,9 +182,10 @@ class AutoTree:
     # ----------------------------------------------------------------------------------------------------------------
     # one round
 
-    def begin_round(self, context: int, rows: int, room: int, extra_nodes: int = 0) -> AutoTree:
-        """Start a round at `context` committed slots for `rows` rows, at most `room` levels deep; `extra_nodes` will
-        be verified with the tree whatever it is (a prompt-lookup branch), so the draft's nodes are priced on top."""
+    def begin_round(self, context: int, rows: int, room: int, lookup_nodes: int = 0) -> AutoTree:
+        """Start a round at `context` committed slots for `rows` rows, at most `room` levels deep. A prompt-lookup
+        branch of `lookup_nodes` tokens is on offer: :attr:`lookup` says whether to verify it (then the draft's nodes
+        are priced on top of it)."""
         synchronize(self.device)
         now = time.perf_counter()
         if self._previous is not None and self._round_start is not None:
@@ -192,8 +200,10 @@ class AutoTree:
             self.draft_curve = self.cost.curve("draft", rows, context)
             self.rest_curve = self.cost.curve("rest", rows, context)
             self._fit, self._rounds_since_fit = (rows, context), 0
+        self._lookup_offered = lookup_nodes > 0
+        self.lookup = self._lookup_offered and self.lookup_pays(lookup_nodes)
         self.expected = float(rows)  # every row emits its bonus token
-        self.nodes, self.draft_seconds = 1 + extra_nodes, 0.0  # nodes to verify
+        self.nodes, self.draft_seconds = 1 + (lookup_nodes if self.lookup else 0), 0.0  # nodes to verify
         self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
         self.level_means = [1.0]
@@ -201,6 +211,16 @@ class AutoTree:
         self.shape: list[int] = []
         self.draft_end = now
         return self
+
+    def lookup_pays(self, length: int) -> bool:
+        """Does a lookup branch of `length` nodes add tokens faster than the round it joins makes them? Its expected
+        tokens over the seconds its nodes add, against the last round's expected tokens over its seconds."""
+        if self.rounds_without_lookup + 1 >= EXPLORE_EVERY:
+            return True  # keep its estimate current
+        tokens, nodes, draft_seconds = self._last_round
+        base = self.seconds(draft_seconds, nodes)
+        added = self.seconds(draft_seconds, nodes + length) - base
+        return self.lookup_gain * base >= tokens * added
 
     def seconds(self, draft_seconds: float, nodes: int) -> float:
         return max(draft_seconds + self.verify_curve(nodes) + self.rest_curve(nodes), 1e-9)
@@ -293,6 +313,14 @@ class AutoTree:
         self.cost.add("verify", self.rows, self.context, len(tree), verify_seconds)
         self._previous = (self.rows, self.context, len(tree), self.draft_seconds, verify_seconds)
         self.rounds_without_draft = 0 if self.levels else self.rounds_without_draft + 1
+        self._last_round = (self.expected / self.rows, self.tree_nodes, self.draft_seconds)
+        if self.lookup:
+            beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
+            self.lookup_gain += (beyond - self.lookup_gain) / (self._lookup_weight + 1)
+            self._lookup_weight = min(self._lookup_weight + 1, LOOKUP_MEMORY)
+            self.rounds_without_lookup = 0
+        elif self._lookup_offered:
+            self.rounds_without_lookup += 1
         levels = [(first, ids.tolist(), values.exp().tolist()) for first, ids, values in self.levels]
         for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
             for node, token in zip([0, *path], tokens, strict=True):

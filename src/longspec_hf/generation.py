@@ -58,7 +58,8 @@ class SpeculativeStats:
             rounds (compare with `accepted_tokens` for its calibration).
         measure_seconds: under "auto", seconds spent timing forwards for the cost model (first use at a context).
         lookup_accepted_tokens: with ``prompt_lookup_num_tokens``, accepted tokens that came from the lookup branch
-            (beyond what the draft's own tree proposed); included in `accepted_tokens`.
+            (beyond what the draft's own tree proposed); included in `accepted_tokens`. `lookup_rounds`: rounds that
+            verified the branch (a round has none without an n-gram match, or under "auto" when it would not pay).
     """
 
     rounds: int = 0
@@ -74,6 +75,7 @@ class SpeculativeStats:
     predicted_accepted: float = 0.0
     measure_seconds: float = 0.0
     lookup_accepted_tokens: int = 0
+    lookup_rounds: int = 0
 
     @property
     def tau(self) -> float:
@@ -321,11 +323,13 @@ def speculative_generate(
         room = max(max_length - sequences[b].shape[1] for b in active) - 1
         chains = None if indexes is None else lookup_chains([indexes[b] for b in active], min(lookup, room),
                                                             roots.device)  # [A, L] or None
-        extra = 0 if chains is None else chains.shape[1]
         if auto is None:
             shape = setting[: max(room, 0)]
         else:
-            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room, extra)
+            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room,
+                                     0 if chains is None else chains.shape[1])
+            if not auto.lookup:  # "auto" verifies the branch only where it is predicted to pay
+                chains = None
         with timer("draft"):
             tree = drafter.draft(draft_state, roots, root_positions, state, shape)
             drafted = len(tree)
@@ -385,6 +389,7 @@ def speculative_generate(
         stats.drafted_tokens += (len(tree) - 1) * len(active)
         stats.accepted_tokens += sum(len(p) for p in paths)
         stats.lookup_accepted_tokens += sum(node >= drafted for p in paths for node in p)
+        stats.lookup_rounds += len(tree) > drafted
         stats.acceptance_lengths.extend(len(p) for p in paths)
         if len(still_active) < len(active):
             keep_rows(state, drafter, draft_state, still_active, active, partial)
