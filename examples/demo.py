@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--tree-shape", type=tree_shape_arg, default="auto",
                         help="auto (each round picks the tree that pays most on this device), or draft tree widths "
                              "per level: 1,1,1 is a chain of 3")
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="L",
+                        help="prompt-lookup branch of L tokens on every tree, 0 for none (default: the draft's own "
+                             "setting; 6 for the shipped draft)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sample at this temperature instead of greedy decoding (both runs use the same seed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -73,6 +76,8 @@ def main() -> None:
           "draft: a FRESH, UNTRAINED LongSpec draft (none given) - expect tau close to 1 and no speed-up; the output "
           "is identical to plain generate() all the same.")
     draft.generation_config.tree_shape = args.tree_shape
+    if args.prompt_lookup is not None:
+        draft.generation_config.prompt_lookup_num_tokens = args.prompt_lookup
 
     # Held-out Python documentation (never trained on by the shipped draft), as in examples/01_quickstart.ipynb.
     window = prompt_windows(tokenizer, load_texts(["python-docs:heldout"]), args.context_tokens, 1)[0]
@@ -99,6 +104,10 @@ def main() -> None:
         chosen = ", ".join(f"{name}: {n}" for name, n in sorted(stats.tree_shapes.items(), key=lambda kv: -kv[1])[:4])
         print(f"trees chosen       : {chosen} (level widths: rounds; none = a plain step)")
     print(f"tau                : {stats.tau:.2f} tokens per target forward ({stats.rounds} rounds)")
+    lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
+    if lookup:
+        print(f"prompt lookup      : a {lookup}-token branch in {stats.lookup_rounds} rounds, "
+              f"{stats.lookup_accepted_tokens} of the {stats.accepted_tokens} accepted tokens")
     print(f"plain generate()   : {plain_s:.1f} s")
     print(f"with LongSpec draft: {spec_s:.1f} s  (speed-up {plain_s / spec_s:.2f}x, prefill included in both)")
     print(f"identical outputs  : {torch.equal(plain, spec)}")

@@ -92,13 +92,15 @@ def test_every_example_script_answers_help(path):
     assert "usage:" in done.stdout
 
 
-@pytest.mark.parametrize("tree", [["--tree-shape", "2,2"], []], ids=["fixed", "auto"])
+@pytest.mark.parametrize("tree", [["--tree-shape", "2,2"], [], ["--prompt-lookup", "4"]],
+                         ids=["fixed", "auto", "lookup"])
 def test_demo_runs_on_a_toy_target(tree):
     done = run_script(EXAMPLES / "demo.py", "--target", "toy:llama", "--context-tokens", "64",
                       "--max-new-tokens", "6", *tree)
     assert done.returncode == 0, done.stderr
     assert "identical outputs  : True" in done.stdout
-    assert ("tree shape         : auto" in done.stdout) == (not tree)
+    assert ("tree shape         : auto" in done.stdout) == (tree != ["--tree-shape", "2,2"])
+    assert ("prompt lookup      : a 4-token branch" in done.stdout) == ("--prompt-lookup" in tree)
 
 
 def test_every_example_script_has_a_run_test():

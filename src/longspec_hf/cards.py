@@ -54,6 +54,7 @@ def draft_card(
         sink_size=config.sink_size,
         window_size=config.window_size,
         tree_shape=tree_setting_text(getattr(draft.generation_config, "tree_shape", None)),
+        prompt_lookup=getattr(draft.generation_config, "prompt_lookup_num_tokens", None) or "none",
         training_recipe=training_recipe,
         results_table=results_table,
     )
