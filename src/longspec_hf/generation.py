@@ -2,7 +2,8 @@
 
 One loop serves every drafter and every tree shape (a chain is a tree of width 1). Per round:
 
-1. the draft proposes a token tree rooted at the newest committed token (one draft forward per level);
+1. the draft proposes a token tree rooted at the newest committed token (one draft forward per level), plus, with
+   ``prompt_lookup_num_tokens``, a branch copied from an earlier occurrence of the text's last n-gram (``lookup.py``);
 2. the target verifies the whole tree in one forward (hybrid prefix/tree attention);
 3. the acceptance walk emits the target's own tokens along the deepest matching path, plus one bonus token;
 4. the target cache is compacted to the accepted path and the draft commits the same tokens;
@@ -274,6 +275,7 @@ def speculative_generate(
     #    into a cache preallocated for the whole generation; the draft fills its constant-size cache
     user_cache = prompt_cache(model_kwargs)
     cached = 0 if user_cache is None else user_cache.get_seq_length()
+    # Room for the largest tree a round may verify: the draft's envelope plus the lookup branch.
     cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting) + (lookup,))
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)

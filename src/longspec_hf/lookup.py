@@ -83,23 +83,26 @@ def graft_chain(tree: DraftTree, chains: torch.Tensor) -> DraftTree:
     matched = torch.where(spells, tree.depths[None], -1)  # [B, T]
     anchor = matched.argmax(-1)  # [B] (first of the deepest: the draft's node)
     matched_depth = matched.gather(1, anchor[:, None]).squeeze(1)  # [B]
-    # 2. new node T + d - 1 at depth d: a dead copy while d <= matched depth (hung under the previous new node),
-    #    the first live one under the anchor, then each under the previous new node
+    # 2. new node T + j sits at depth j + 1. The first `m` (m = matched depth) are dead copies chained from the root;
+    #    the live rest hangs under the anchor, each under the previous one. All rows at once, no loop over nodes.
+    j = torch.arange(length, device=device)
+    live = j[None] >= matched_depth[:, None]  # [B, L]
+    previous = torch.where(j == 0, 0, size + j - 1)  # [L]
+    parents = torch.where(j[None] == matched_depth[:, None], anchor[:, None], previous[None])  # [B, L]
+    root_only = torch.zeros(size, dtype=torch.bool, device=device)
+    root_only[0] = True
+    above = torch.where(live[..., None], tree.ancestors[rows, anchor][:, None, :], root_only)  # [B, L, T]
+    chained = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # [L, L]: i <= j
+    within = chained & (live[:, :, None] == live[:, None, :])  # [B, L, L]: same segment (dead or live)
     total = size + length
     ancestors = torch.zeros(batch, total, total, dtype=torch.bool, device=device)
     ancestors[:, :size, :size] = tree.ancestors
-    parents = [tree.parents]
-    for d in range(1, length + 1):
-        node = size + d - 1
-        previous = torch.full((batch,), 0 if d == 1 else node - 1, device=device)
-        parent = torch.where(matched_depth == d - 1, anchor, previous)  # [B]
-        ancestors[:, node] = ancestors[rows, parent]
-        ancestors[:, node, node] = True
-        parents.append(parent[:, None])
+    ancestors[:, size:, :size] = above
+    ancestors[:, size:, size:] = within
     return DraftTree(
         tokens=torch.cat([tree.tokens, chains], dim=1),
-        parents=torch.cat(parents, dim=1),
-        depths=torch.cat([tree.depths, torch.arange(1, length + 1, device=device)]),
+        parents=torch.cat([tree.parents, parents], dim=1),
+        depths=torch.cat([tree.depths, j + 1]),
         ancestors=ancestors,
         logprobs=torch.cat([tree.logprobs, tree.logprobs.new_zeros(batch, length)], dim=1),
     )
