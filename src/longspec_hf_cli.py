@@ -137,6 +137,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add plain generate() with a static cache and torch.compile (transformers' compiled "
                              "decoding), next to eager plain generate() (default: on for CUDA, off for CPU, where "
                              "compiling takes minutes)")
+    parser.add_argument("--compile-rounds", action="store_true",
+                        help="also run every LongSpec tree with compiled rounds (compile_config=CompileConfig(); "
+                             "methods named <tree>_compiled)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up calls")
     parser.add_argument("--output-dir", default="bench-results", help="folder for results.json/.md and the plots")
 
@@ -151,6 +154,9 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-draft", action="store_true",
                         help="also time rounds of the training-free SelfDraft (the target's own layers drafting)")
     parser.add_argument("--self-draft-window", type=int, default=512, help="recent-token window of SelfDraft")
+    parser.add_argument("--compile-rounds", action="store_true",
+                        help="also time every drafter's rounds compiled (compile_config=CompileConfig(); drafters "
+                             "named <drafter>_compiled)")
     parser.add_argument("--rounds", type=int, default=16,
                         help="speculative rounds (and plain decode steps) timed per measurement")
     parser.add_argument("--repeats", type=int, default=3,

@@ -183,8 +183,8 @@ def device_costs(monkeypatch):
 
     def install(verify, draft):
         model = FrozenCost(verify, draft)
-        monkeypatch.setattr(generation, "cost_model_for", lambda target, drafter: model)
-        monkeypatch.setattr(auto_tree.AutoTree, "measure", lambda self, *args: 0.0)
+        monkeypatch.setattr(generation, "cost_model_for", lambda target, drafter, *compiled: model)
+        monkeypatch.setattr(auto_tree.AutoTree, "measure", lambda self, *args, **kwargs: 0.0)
         return model
 
     return install

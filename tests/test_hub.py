@@ -22,9 +22,9 @@ from longspec_hf import LongSpecDraftModel
 from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_checkpoint
 from longspec_hf.cli import main as cli
 
-CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "configuration",
-                "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "specpv", "timing", "tree",
-                "verify"}
+CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "compiled",
+                "configuration", "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "specpv",
+                "timing", "tree", "verify"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:

@@ -153,17 +153,15 @@ def torch_attention_lse(
     return unstack_heads(out, h), unstack_heads(lse, h)
 
 
-@functools.cache
+# Looked up per call (torch caches the op objects), not through functools.cache: torch.compile traces plain lookups.
 def _cpu_lse_op() -> Callable | None:
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-@functools.cache
 def _cuda_flash_op() -> Callable | None:
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
 
 
-@functools.cache
 def _cuda_efficient_op() -> Callable | None:
     return getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -55,8 +56,9 @@ def measure_sizes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...
     return (1, 8, 32), (4, 8, 1)
 
 
-def cost_key(target, drafter) -> dict:
-    """What a cost model is valid for: the target's shape and name, the drafter, the device, dtype and versions."""
+def cost_key(target, drafter, compiled: bool = False) -> dict:
+    """What a cost model is valid for: the target's shape and name, the drafter, the device, dtype, versions, and
+    whether rounds are compiled."""
     text = target.config.get_text_config(decoder=True)
     shape = {name: getattr(text, name, None) for name in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -73,10 +75,13 @@ def cost_key(target, drafter) -> dict:
                         getattr(drafter, "window_size", getattr(draft_config, "window_size", None))]}
     import transformers
 
-    return {"target": shape, "name": getattr(target.config, "_name_or_path", None), "drafter": draft,
-            "device": where, "dtype": str(target.dtype),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "longspec_hf": package_version()}}
+    key = {"target": shape, "name": getattr(target.config, "_name_or_path", None), "drafter": draft,
+           "device": where, "dtype": str(target.dtype),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "longspec_hf": package_version()}}
+    if compiled:  # compiled forwards cost less: a model of their own (eager keys stay as they were)
+        key["compiled"] = True
+    return key
 
 
 def package_version() -> str:
@@ -92,10 +97,11 @@ def package_version() -> str:
 _MODELS: dict[str, CostModel] = {}  # one model per key in a process, shared by calls
 
 
-def cost_model_for(target, drafter) -> CostModel:
-    """The cost model of this target, drafter and device: from the user's cache folder, plus the measurements of a
-    `longspec cost` result if ``drafter.generation_config.cost_report`` names its JSON file."""
-    key = cost_key(target, drafter)
+def cost_model_for(target, drafter, compiled: bool = False) -> CostModel:
+    """The cost model of this target, drafter and device (with `compiled` rounds or not): from the user's cache
+    folder, plus the measurements of a `longspec cost` result if ``drafter.generation_config.cost_report`` names its
+    JSON file."""
+    key = cost_key(target, drafter, compiled)
     report = getattr(drafter.generation_config, "cost_report", None)
     name = repr(sorted(key.items())) + str(cache_folder()) + str(report)
     if name not in _MODELS:
@@ -152,9 +158,12 @@ class AutoTree:
     # ----------------------------------------------------------------------------------------------------------------
     # first use: a few timed forwards
 
-    def measure(self, target, state, drafter, draft_state, roots: torch.Tensor, attn_backend: str) -> float:
-        """Time verification and draft forwards at this context if the cost model has no measurement near it;
-        returns the seconds spent. The target's cache and the draft's state are left as they were."""
+    def measure(self, target, state, drafter, draft_state, roots: torch.Tensor, attn_backend: str,
+                verify: Callable = verify_tree, warm_up: bool = False) -> float:
+        """Time verification (through `verify`) and draft forwards at this context if the cost model has no
+        measurement near it; returns the seconds spent. With `warm_up` (compiled rounds) every timed forward runs
+        once untimed first, so compilation is not measured as cost. The target's cache and the draft's state are
+        left as they were."""
         rows, context = roots.shape[0], state.cache.get_seq_length()
         need_verify = not self.cost.has_near("verify", rows, context)
         need_draft = not self.cost.has_near("draft", rows, context)
@@ -162,21 +171,25 @@ class AutoTree:
             return 0.0
         start = time.perf_counter()
         tree_sizes, level_widths = measure_sizes(roots.device)
-        if need_verify:
-            for size in tree_sizes:
-                synchronize(self.device)
-                t0 = time.perf_counter()
-                verify_tree(target, state, star_tree(roots, size), attn_backend)
-                synchronize(self.device)
-                self.cost.add("verify", rows, context, size, time.perf_counter() - t0, anchor=True)
-                state.cache.crop(-size)
-        if need_draft:
-            self.forced = level_widths
-            self.begin_round(context, rows, len(level_widths))
-            drafter.draft(draft_state, roots, state.next_positions, state, self)
-            drafter.discard(draft_state)
-            self.forced = None
-            self._round_start = self._fit = None  # refit with the new measurements
+        recorded = self.cost
+        for timed in ([False] if warm_up else []) + [True]:
+            self.cost = recorded if timed else CostModel()  # the warm-up's timings are thrown away
+            if need_verify:
+                for size in tree_sizes:
+                    synchronize(self.device)
+                    t0 = time.perf_counter()
+                    verify(target, state, star_tree(roots, size), attn_backend)
+                    synchronize(self.device)
+                    self.cost.add("verify", rows, context, size, time.perf_counter() - t0, anchor=True)
+                    state.cache.crop(-size)
+            if need_draft:
+                self.forced = level_widths
+                self.begin_round(context, rows, len(level_widths))
+                drafter.draft(draft_state, roots, state.next_positions, state, self)
+                drafter.discard(draft_state)
+                self.forced = None
+                self._round_start = self._fit = None  # refit with the new measurements
+        self.cost = recorded
         return time.perf_counter() - start
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,23 @@ from .tree import DraftTree
 
 @dataclass
 class DraftState:
-    """Per-call draft state: its own cache plus anything a drafter wants to keep between rounds."""
+    """Per-call draft state: its own cache plus anything a drafter wants to keep between rounds.
+
+    `compile_config` (set by the loop under compiled rounds, :mod:`~longspec_hf.compiled`): the drafter runs its
+    level forwards through :func:`~longspec_hf.compiled.compiled_call` under it.
+    """
 
     cache: Cache
     extra: dict[str, Any] = field(default_factory=dict)
+    compile_config: Any = None
+
+    def forward_of(self, module):
+        """`module`, or its compiled call under compiled rounds."""
+        if self.compile_config is None:
+            return module
+        from .compiled import compiled_call
+
+        return compiled_call(module, self.compile_config)
 
 
 class Drafter:

@@ -18,6 +18,7 @@ never accepted by a ratio test). The one exception is SpecPV partial verificatio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from .acceptance import AcceptanceModel
 from .auto_tree import AutoTree, cost_model_for
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
+from .compiled import compiled_call, round_compile_config
 from .drafting import Drafter
 from .lookup import NgramIndex, graft_chain, lookup_chains
 from .specpv import PartialVerifier, SpecPVConfig
@@ -258,14 +260,18 @@ def speculative_generate(
     specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     lookup, max_ngram = lookup_setting(generation_config, drafter)
     partial = None if specpv is None else PartialVerifier(specpv)
+    compile_config = round_compile_config(generation_config, drafter)
+    # Under compiled rounds the verification forward runs through torch.compile (the prefill stays eager).
+    verify = verify_tree if compile_config is None else functools.partial(
+        verify_tree, forward=compiled_call(target, compile_config))
     select = token_selector(generation_config)
     # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
     vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
     host_stop = host_stopping(stopping_criteria)
     stats = SpeculativeStats()
     drafter.stats = stats
-    auto = None if setting != AUTO else AutoTree(cost_model_for(target, drafter), call_acceptance(drafter),
-                                                  target.device, stats)
+    auto = None if setting != AUTO else AutoTree(cost_model_for(target, drafter, compile_config is not None),
+                                                  call_acceptance(drafter), target.device, stats)
     timer = RoundTimer(target.device, stats.timings if getattr(drafter.generation_config, "profile_rounds", False)
                        else None)
     max_length = generation_config.max_length
@@ -292,6 +298,7 @@ def speculative_generate(
         next_positions=position_ids[:, -1] + 1,
     )
     draft_state = drafter.start(input_ids, mask, state)
+    draft_state.compile_config = compile_config
 
     # 2. the first token comes from the prefill, exactly as in plain decoding; it is each row's first root
     scores = logits_processor(input_ids, logits)
@@ -316,7 +323,8 @@ def speculative_generate(
         keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
     if auto is not None and active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
-        stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend)
+        stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend, verify,
+                                             warm_up=compile_config is not None)
 
     while active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
@@ -340,9 +348,9 @@ def speculative_generate(
         # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
         with timer("verify"):
             if partial is None:
-                logits = verify_tree(target, state, tree, attn_backend)  # [A, T, V]
+                logits = verify(target, state, tree, attn_backend)  # [A, T, V]
             else:
-                logits = partial.verify(target, state, tree, attn_backend, verify_tree)
+                logits = partial.verify(target, state, tree, attn_backend, verify)
         # 5. each row accepts the deepest path the target agrees with, plus its bonus token
         with timer("accept"):
             if vectorised_acceptance:

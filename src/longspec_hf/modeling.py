@@ -503,6 +503,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         if valid is None:
             valid = torch.ones(len(root_tokens), cache.get_stored_length(), dtype=torch.bool, device=root_tokens.device)
         distance, is_sink = committed_distance(valid, rule.sink)  # [B, C] each, once per round
+        forward = state.forward_of(self)
         node_depths: list[int] = []  # every tree node so far, in creation order
         cache.begin_speculation()
 
@@ -515,7 +516,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
             if tree is not None:
                 tree_bias = tree_bias.masked_fill(~tree, torch.finfo(tree_bias.dtype).min)  # [B, m, n]
             bias = torch.cat([tree_attention_bias(committed, tree_bias.dtype), tree_bias], dim=-1)  # [B, m, C + n]
-            return self(tokens, positions, target_key, target_value, cache, bias[:, None], cross_bias)
+            return forward(tokens, positions, target_key, target_value, cache, bias[:, None], cross_bias)
 
         return build_beam_tree(step, root_tokens, root_positions, tree_shape)
 

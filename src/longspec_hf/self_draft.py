@@ -92,13 +92,14 @@ class SelfDraft(Drafter):
         committed_bias = tree_attention_bias(valid, torch.float32)[:, None]  # [B, 1, C], built once per round
         types, _ = layer_attention_types(self.target.config)
         dtype = self.target.dtype
+        forward = state.forward_of(self.target)
         cache.begin_speculation()
 
         def step(tokens: torch.Tensor, positions: torch.Tensor, tree_bias: torch.Tensor) -> torch.Tensor:
             prefix = committed_bias.expand(-1, tokens.shape[1], -1)  # [B, m, C]
             bias = torch.cat([prefix, tree_bias], dim=-1)[:, None].to(dtype)  # [B, 1, m, C + n]
             mask = bias if len(types) == 1 else {t: bias for t in types}
-            out = self.target(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+            out = forward(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                               **{cache_kwarg(self.target): cache})
             return out.logits.float()
 

@@ -130,12 +130,13 @@ def verification_mask(
 
 
 def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, attn_backend: str = "auto",
-                refeed=None, tree_partial=None):
+                refeed=None, tree_partial=None, forward: Callable | None = None):
     """One target forward over every row's tree; returns fp32 logits `[B, T, V]` (row i predicts node i's child).
 
     The trees' KV are appended to the cache; :func:`compact` keeps the accepted paths afterwards. With SpecPV,
     `refeed` (:class:`~longspec_hf.specpv.Refeed`) puts committed tokens before the tree in the same forward, and
-    `tree_partial` (:class:`~longspec_hf.specpv.PartialKV`) tells the attention function what to read.
+    `tree_partial` (:class:`~longspec_hf.specpv.PartialKV`) tells the attention function what to read. `forward` runs
+    the target (default: the target itself; a compiled call under compiled rounds, :mod:`~longspec_hf.compiled`).
     """
     types, window = layer_attention_types(target.config)
     dtype = target.dtype
@@ -148,7 +149,7 @@ def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, at
         tokens = torch.cat([refeed.tokens, tokens], dim=-1)
         position_ids = torch.cat([refeed.positions, position_ids], dim=-1)
     with attention_implementation(target, HYBRID_ATTENTION_NAME):
-        out = target(
+        out = (forward or target)(
             input_ids=tokens,
             position_ids=position_ids,
             attention_mask=attention_mask,

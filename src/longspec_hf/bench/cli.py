@@ -28,7 +28,7 @@ def bench_cli(args: argparse.Namespace) -> dict:
     compiled = args.compiled if args.compiled is not None else device.type == "cuda"
     methods = default_methods(target, draft, trees, args.early_exit_layer, args.prompt_lookup_tokens, self_tree,
                               args.self_draft_window, args.specpv_budgets, args.attn_backend, compiled,
-                              args.lookup_branch)
+                              args.lookup_branch, args.compile_rounds)
     if args.methods:
         unknown = set(args.methods) - {m.name for m in methods}
         if unknown:

@@ -50,6 +50,8 @@ class Method:
             continue the prompt in another cache type; it must leave `prompt_cache` as it is. Default: a deep copy.
         warmup: "once" (one short untimed call before the run) or "per_context" (one full untimed call per context
             length, for methods whose first call at a new shape compiles).
+        hook_forwards: count target forwards with a hook on its last layer. Methods that report them themselves
+            turn it off: torch.compile traces such a hook and guards on its counter, recompiling every forward.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Method:
     settings: dict = field(default_factory=dict)
     prepare_cache: Callable | None = None
     warmup: str = "once"
+    hook_forwards: bool = True
 
 
 def greedy(target, input_ids: torch.LongTensor, max_new_tokens: int, cache=None, **kwargs) -> torch.LongTensor:
@@ -111,13 +114,13 @@ def compiled_static(target, compile: bool = True, name: str = "autoregressive_co
     def generate(target, input_ids, cache, max_new_tokens):
         options = {"compile_config": config} if compile else {"disable_compile": True}
         out = greedy(target, input_ids, max_new_tokens, cache=cache, **options)
-        # One forward per new token (the prompt's last token, then each step); a layer hook would not see the
-        # calls inside the compiled graph.
+        # One forward per new token (the prompt's last token, then each step); counted here, not by a layer hook
+        # inside the compiled graph.
         return MethodOutput(out, target_forwards=max_new_tokens)
 
     settings = {"cache_implementation": "static", "compile_config": config.to_dict() if compile else None}
     return Method(name, generate, settings=settings, prepare_cache=prepare,
-                  warmup="per_context" if compile else "once")
+                  warmup="per_context" if compile else "once", hook_forwards=False)
 
 
 # transformers 5.23's assisted decoding (prompt lookup, early exit, assistant models) does not continue a filled
@@ -154,19 +157,25 @@ def early_exit(target, layer: int | None = None) -> Method:
 
 
 def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: dict | None = None,
-                lookup: int = 0) -> Method:
+                lookup: int = 0, compile_rounds: bool = False) -> Method:
     """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own; "auto":
-    chosen per round), optionally a prompt-lookup branch of `lookup` tokens on every tree, and optionally SpecPV
-    partial verification settings (approximate: its `identical` column may say no)."""
+    chosen per round), optionally a prompt-lookup branch of `lookup` tokens on every tree, optionally SpecPV
+    partial verification settings (approximate: its `identical` column may say no), and optionally compiled rounds
+    (``compile_config=CompileConfig()``)."""
     setting = tree_setting(tree_shape if tree_shape else getattr(draft.generation_config, "tree_shape", None))
     shape = setting if setting == AUTO else list(setting)
+    options = {}
+    if compile_rounds:
+        from transformers import CompileConfig
+
+        options["compile_config"] = CompileConfig()
 
     def generate(target, input_ids, cache, max_new_tokens):
         config = draft.generation_config
         saved = config.tree_shape, getattr(config, "specpv", None), getattr(config, "prompt_lookup_num_tokens", None)
         config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = shape, specpv, lookup
         try:
-            out = greedy(target, input_ids, max_new_tokens, cache=cache, assistant_model=draft)
+            out = greedy(target, input_ids, max_new_tokens, cache=cache, assistant_model=draft, **options)
         finally:
             config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = saved
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
@@ -177,18 +186,22 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
                             if stats.tree_shapes else None)
 
     settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {}),
-                **({"prompt_lookup_num_tokens": lookup} if lookup else {})}
-    # "auto" times a few forwards the first time it meets a context length (then reuses them): warm up per context,
-    # so the timed calls show its steady state; the measuring cost is reported by the decode loop's stats.
-    return Method(name, generate, settings=settings, warmup="per_context" if shape == AUTO else "once")
+                **({"prompt_lookup_num_tokens": lookup} if lookup else {}),
+                **({"compile_rounds": True} if compile_rounds else {})}
+    # "auto" times a few forwards the first time it meets a context length (then reuses them), and compiled rounds
+    # may compile a graph there: warm up per context, so the timed calls show the steady state; the measuring cost
+    # is reported by the decode loop's stats.
+    per_context = shape == AUTO or compile_rounds
+    return Method(name, generate, settings=settings, warmup="per_context" if per_context else "once",
+                  hook_forwards=False)
 
 
 def longspec(draft, tree_shape: list[int] | str | None, name: str = "longspec", specpv: dict | None = None,
-             lookup: int = 0) -> Method:
+             lookup: int = 0, compile_rounds: bool = False) -> Method:
     """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
     if draft is None:
         return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
-    return speculative(draft, tree_shape, name, specpv, lookup)
+    return speculative(draft, tree_shape, name, specpv, lookup, compile_rounds)
 
 
 def self_draft(target, tree_shape: list[int] | str | None = None, sink_size: int = 4, window_size: int = 512,
@@ -216,12 +229,12 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
                     self_draft_tree: list[int] | str | None = AUTO,
                     self_draft_window: int = 512, specpv_budgets: list[int] = (),
                     attn_backend: str = "auto", compiled: bool = False,
-                    lookup_branches: list[int] = ()) -> list[Method]:
+                    lookup_branches: list[int] = (), compile_rounds: bool = False) -> list[Method]:
     """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
     LongSpec per tree shape (name -> shape), again per tree with a prompt-lookup branch of each length in
-    `lookup_branches` (named `<tree>_pl<L>`), the self-speculative draft (unless `self_draft_tree` is None), and per
-    SpecPV budget (tokens) the first LongSpec tree with partial verification (the self-draft's when there is no
-    LongSpec draft)."""
+    `lookup_branches` (named `<tree>_pl<L>`), with `compile_rounds` again per tree with compiled rounds (named
+    `<tree>_compiled`), the self-speculative draft (unless `self_draft_tree` is None), and per SpecPV budget (tokens)
+    the first LongSpec tree with partial verification (the self-draft's when there is no LongSpec draft)."""
     trees = trees if trees is not None else {"longspec_auto": AUTO, "longspec_chain": [1, 1, 1],
                                              "longspec_tree": [4, 16, 16, 16, 16]}
     methods = [autoregressive()] + ([compiled_static(target)] if compiled else [])
@@ -229,6 +242,8 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
     methods += [longspec(draft, shape, name) for name, shape in trees.items()]
     methods += [longspec(draft, shape, f"{name}_pl{length}", lookup=length)
                 for length in lookup_branches for name, shape in trees.items()]
+    if compile_rounds:
+        methods += [longspec(draft, shape, f"{name}_compiled", compile_rounds=True) for name, shape in trees.items()]
     if self_draft_tree is not None:
         methods.append(self_draft(target, self_draft_tree, window_size=self_draft_window,
                                   attn_backend=attn_backend))

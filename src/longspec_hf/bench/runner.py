@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import platform
 import statistics
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,8 +76,8 @@ def private_cache(target, method: Method, prompt_cache, input_ids, max_new_token
 
 def run_method(target, method: Method, input_ids, prompt_cache, prefill_seconds: float, max_new_tokens: int) -> dict:
     cache = private_cache(target, method, prompt_cache, input_ids, max_new_tokens)
-    with torch.no_grad(), peak_memory(target.device) as memory, count_target_forwards(target) as forwards, \
-            timed(target.device) as clock:
+    counting = count_target_forwards(target) if method.hook_forwards else nullcontext({"forwards": None})
+    with torch.no_grad(), peak_memory(target.device) as memory, counting as forwards, timed(target.device) as clock:
         output = method.generate(target, input_ids, cache, max_new_tokens)
     seconds = clock["seconds"]
     if method.uses_prompt_cache:

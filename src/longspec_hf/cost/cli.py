@@ -21,14 +21,25 @@ def check_positions(target, needed: int) -> None:
 
 
 def drafters(target, args: argparse.Namespace) -> dict:
-    """name -> drafter: a random LongSpec draft (its cost is a trained one's), and SelfDraft if asked for."""
+    """name -> drafter: a random LongSpec draft (its cost is a trained one's), and SelfDraft if asked for; with
+    `--compile-rounds`, a second instance of each (`<name>_compiled`) whose rounds run compiled."""
     from ..loading import load_draft
 
-    found = {"longspec": load_draft(None, target, seed=args.seed)}
-    if args.self_draft:
+    def make(kind: str):
+        if kind == "longspec":
+            return load_draft(None, target, seed=args.seed)
         from ..self_draft import SelfDraft
 
-        found["self_draft"] = SelfDraft.from_target(target, window_size=args.self_draft_window)
+        return SelfDraft.from_target(target, window_size=args.self_draft_window)
+
+    kinds = ["longspec"] + (["self_draft"] if args.self_draft else [])
+    found = {kind: make(kind) for kind in kinds}
+    if getattr(args, "compile_rounds", False):
+        from transformers import CompileConfig
+
+        for kind in kinds:
+            found[f"{kind}_compiled"] = make(kind)
+            found[f"{kind}_compiled"].generation_config.compile_config = CompileConfig()
     for drafter in found.values():
         drafter.generation_config.tree_attn_backend = args.attn_backend
     return found

@@ -186,11 +186,19 @@ def distribution_key(name: str) -> str:
 
 
 def installed_distributions(seed: int = 0) -> list:
-    """Installed distributions other than this project, one per name, in a seeded order of their sorted names."""
+    """Installed distributions other than this project, one per name, in a seeded order of their sorted names.
+
+    Only the interpreter's site directories are searched, not all of `sys.path`: importing some tools puts their
+    vendored copies on it (setuptools' `_vendor`, which torch.compile's C++ builder imports), which would change the
+    set, and duplicate texts, mid-process."""
+    import site
     from importlib.metadata import distributions
 
+    folders = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
     found = {}
-    for dist in distributions():
+    for dist in distributions(path=folders):
         name = dist.metadata["Name"]
         if name and distribution_key(name) != OWN_DISTRIBUTION:
             found.setdefault(distribution_key(name), dist)  # the first on sys.path wins, as for imports

@@ -1,0 +1,67 @@
+"""Compiled rounds (opt-in): the draft's level forward and the target's verification forward through `torch.compile`.
+
+Turned on the way transformers turns on compiled decoding: a ``compile_config``
+(:class:`transformers.CompileConfig`) passed to ``generate`` or set on the draft's ``generation_config``;
+``disable_compile=True`` wins. The prefill and everything outside the two forwards stay eager.
+
+Why the config is adapted rather than used as given:
+
+* **dynamic shapes**: a round's verification reads a prefix that grows every round and a tree whose size varies
+  (``tree_shape="auto"``, prompt-lookup branches), so the forwards are compiled with ``dynamic=True``: one graph
+  serves every context and tree size (sizes 0 and 1 are specialised by torch, so a few graphs in all);
+* **no CUDA graphs**: ``mode="reduce-overhead"`` (transformers' default) captures one CUDA graph per distinct shape,
+  which a growing prefix would re-record every round; the modes that capture are replaced by their counterparts that
+  do not (``"default"``, ``"max-autotune-no-cudagraphs"``).
+
+The compiled callables are kept on the model (as transformers keeps its own compiled call), so the compilation is
+paid once per process and configuration, not per ``generate`` call. Compiled forwards compute the same function as
+eager ones up to fp reordering; every emitted token still comes from the target's logits, so the loop's guarantees
+(greedy = the target's own argmax, sampling from its own distribution) hold unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import CompileConfig, GenerationConfig
+
+_CAPTURING_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+_ATTRIBUTE = "_longspec_compiled_calls"
+
+
+def round_compile_config(generation_config: GenerationConfig, drafter) -> CompileConfig | None:
+    """The `CompileConfig` rounds run under, or `None` (eager): the call's ``compile_config``, else the draft's;
+    ``disable_compile=True`` (the call's or the draft's) turns compilation off."""
+    draft_config = getattr(drafter, "generation_config", None)
+    if getattr(generation_config, "disable_compile", False) or getattr(draft_config, "disable_compile", False):
+        return None
+    config = getattr(generation_config, "compile_config", None) or getattr(draft_config, "compile_config", None)
+    if config is None:
+        return None
+    if isinstance(config, dict):  # a draft's generation_config.json stores it as a dict
+        config = CompileConfig(**config)
+    if not isinstance(config, CompileConfig):
+        raise ValueError(f"compile_config must be a transformers.CompileConfig (or its dict), got {type(config)}; "
+                         "e.g. generate(..., compile_config=CompileConfig()).")
+    return config
+
+
+def compile_options(config: CompileConfig) -> dict:
+    """`torch.compile` keyword arguments for a round's forwards (see the module docstring)."""
+    options = config.to_dict()
+    options["dynamic"] = True
+    options["mode"] = _CAPTURING_MODES.get(options.get("mode"), options.get("mode"))
+    if options.get("options") and options["mode"] not in (None, "default"):
+        options["mode"] = None  # torch.compile takes a mode or options, not both
+    return options
+
+
+def compiled_call(module: torch.nn.Module, config: CompileConfig) -> Callable:
+    """`module.__call__` compiled for rounds under `config`, kept on the module and reused by later calls."""
+    calls = module.__dict__.setdefault(_ATTRIBUTE, {})
+    options = compile_options(config)
+    key = repr(sorted(options.items(), key=lambda item: item[0]))
+    if key not in calls:
+        calls[key] = torch.compile(module.__call__, **options)
+    return calls[key]
