@@ -198,3 +198,17 @@ def test_rank_rates_are_kept_per_depth():
     assert model.rank_rate(0, 0) == pytest.approx(0.25, abs=0.03)
     assert model.rank_rate(0, 2) == pytest.approx(0.9, abs=0.03)
     assert model.rank_rate(0, 7) == model.rank_rate(0, 3)  # depths past the last bucket share it
+
+
+def test_top_children_and_their_siblings_are_calibrated_apart():
+    """The same draft probability means more for a parent's top child than for a sibling trailing a likelier one."""
+    model = AcceptanceModel()
+    for i in range(300):
+        top, second = i % 5 < 3, i % 20 == 3  # an under-confident top choice, a rarely right second one
+        model.observe([0.2, 0.2], [top, second])
+    assert model.h(0.2, rank=0) == pytest.approx(0.6, abs=0.04)
+    assert model.h(0.2, rank=1) == pytest.approx(0.05, abs=0.04)
+    assert model.h(0.2, rank=5) == model.h(0.2, rank=1)
+    planner = auto_tree.AutoTree(FrozenCost(**CPU_LIKE), model, torch.device("cpu"))
+    # Candidates in beam order: parent 0's top two children, then parent 1's top child.
+    assert planner.calibrated([0, 0, 1], [0.2, 0.2, 0.2]) == [model.h(0.2, 0), model.h(0.2, 1), model.h(0.2, 0)]

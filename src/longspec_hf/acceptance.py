@@ -3,9 +3,13 @@
 EAGLE-2's observation: a draft's probability of a token predicts whether the target accepts it. The model here is
 a calibration of that probability, learned online from the rounds of the current call:
 
-* ``h(q)``: the probability that the target's next token is a drafted child whose conditional draft probability is
-  `q`, given that its parent was accepted. Binned on `q`, starting from the prior ``h(q) = q`` (worth a few
-  observations per bin) and made non-decreasing (a more confident token is never predicted to be accepted less).
+* ``h(q, rank)``: the probability that the target's next token is a drafted child whose conditional draft
+  probability is `q`, given that its parent was accepted. Binned on `q`, starting from the prior ``h(q) = q`` (worth a
+  few observations per bin) and made non-decreasing (a more confident token is never predicted to be accepted less).
+  Kept apart for a parent's most likely child (rank 0) and its other children: the same `q` means different things
+  for them (a top child at q = 0.2 tops a flat distribution; a second child at 0.2 trails a likelier sibling), and a
+  draft trained by distillation is often under-confident on its top choice only (measured: SmolLM2's draft on code,
+  top children at q = 0.1-0.3 accepted 60% of the time, its other children at the same q far less).
 * a node's acceptance probability is the product of ``h`` along its path (acceptances at successive depths are taken
   as independent, as Sequoia does), so the expected accepted tokens of a tree is the sum over its nodes.
 * ``rank_rate(r, depth)``: how often the draft's `r`-th most likely child (0-based) of an accepted node at `depth`
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 EDGES = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
 PRIOR_WEIGHT = 3.0  # pseudo-observations of the prior per bin
 DEPTHS = 4  # rank rates kept for parents at depth 0, 1, 2 and 3 or deeper
+RANK_CLASSES = 2  # h tables kept for a parent's top child and for its other children
 # Rank-r rates before any observation (ranks beyond: the last value). Optimistic on purpose: a draft believed too
 # good costs a few rounds until the evidence says otherwise, one believed too poor is only re-checked by exploration.
 RANK_PRIOR = (0.6, 0.1, 0.05, 0.03)
@@ -35,50 +40,59 @@ class AcceptanceModel:
 
     def __init__(self, ranks: int = 16):
         centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
-        self.hits = [PRIOR_WEIGHT * c for c in centers]
-        self.trials = [PRIOR_WEIGHT] * len(centers)
+        self.hits = [[PRIOR_WEIGHT * c for c in centers] for _ in range(RANK_CLASSES)]  # [rank class][bin]
+        self.trials = [[PRIOR_WEIGHT] * len(centers) for _ in range(RANK_CLASSES)]
         self.rank_hits = [[PRIOR_WEIGHT * rank_prior(r) for r in range(ranks)] for _ in range(DEPTHS)]
         self.rank_trials = [[PRIOR_WEIGHT] * ranks for _ in range(DEPTHS)]
-        self._table: list[float] | None = None
+        self._tables: list[list[float] | None] = [None] * RANK_CLASSES
 
     def observe(self, probabilities: Sequence[float], accepted: Sequence[bool], depth: int = 0) -> None:
         """Candidate children of one accepted node at `depth`, in the draft's rank order: their draft probabilities
         and which one (if any) is the target's token."""
         hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
         for rank, (q, hit) in enumerate(zip(probabilities, accepted, strict=True)):
-            b = bin_of(q)
-            self.hits[b] += hit
-            self.trials[b] += 1
+            b, c = bin_of(q), rank_class(rank)
+            self.hits[c][b] += hit
+            self.trials[c][b] += 1
             if rank < len(hits):
                 hits[rank] += hit
                 trials[rank] += 1
-        self._table = None
+        self._tables = [None] * RANK_CLASSES
 
     def forget(self, keep: float = 0.5) -> None:
         """Shrink the evidence towards the prior (a new call may read other text), keeping its shape."""
         centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
-        for b, c in enumerate(centers):
-            self.hits[b] = PRIOR_WEIGHT * c + keep * (self.hits[b] - PRIOR_WEIGHT * c)
-            self.trials[b] = PRIOR_WEIGHT + keep * (self.trials[b] - PRIOR_WEIGHT)
+        for class_hits, class_trials in zip(self.hits, self.trials, strict=True):
+            for b, c in enumerate(centers):
+                class_hits[b] = PRIOR_WEIGHT * c + keep * (class_hits[b] - PRIOR_WEIGHT * c)
+                class_trials[b] = PRIOR_WEIGHT + keep * (class_trials[b] - PRIOR_WEIGHT)
         for hits, trials in zip(self.rank_hits, self.rank_trials, strict=True):
             for r in range(len(hits)):
                 hits[r] = PRIOR_WEIGHT * rank_prior(r) + keep * (hits[r] - PRIOR_WEIGHT * rank_prior(r))
                 trials[r] = PRIOR_WEIGHT + keep * (trials[r] - PRIOR_WEIGHT)
-        self._table = None
+        self._tables = [None] * RANK_CLASSES
 
-    def table(self) -> list[float]:
-        """Calibrated acceptance per bin, made non-decreasing by pooling adjacent violators."""
-        if self._table is None:
-            self._table = monotone([h / t for h, t in zip(self.hits, self.trials, strict=True)], self.trials)
-        return self._table
+    def table(self, rank: int = 0) -> list[float]:
+        """Calibrated acceptance per bin of children of sibling rank `rank`, made non-decreasing by pooling
+        adjacent violators."""
+        c = rank_class(rank)
+        if self._tables[c] is None:
+            hits, trials = self.hits[c], self.trials[c]
+            self._tables[c] = monotone([h / t for h, t in zip(hits, trials, strict=True)], trials)
+        return self._tables[c]
 
-    def h(self, q: float) -> float:
-        return self.table()[bin_of(q)]
+    def h(self, q: float, rank: int = 0) -> float:
+        """Acceptance of a child with draft probability `q` that is its parent's `rank`-th most likely (0-based)."""
+        return self.table(rank)[bin_of(q)]
 
     def rank_rate(self, rank: int, depth: int = 0) -> float:
         hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
         rank = min(rank, len(hits) - 1)
         return hits[rank] / trials[rank]
+
+
+def rank_class(rank: int) -> int:
+    return min(rank, RANK_CLASSES - 1)
 
 
 def rank_prior(rank: int) -> float:

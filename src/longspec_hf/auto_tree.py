@@ -292,9 +292,8 @@ class AutoTree:
         if self.forced is not None:
             return self.forced[depth]
         self.levels.append((self.tree_nodes - width, top.indices, top.values))
-        h = self.acceptance.h
-        candidates = [[self.level_acceptance[r][p] * h(q) for p, q in zip(parents[r], probabilities[r], strict=True)]
-                      for r in range(self.rows)]  # [B][K], in beam order
+        candidates = [[self.level_acceptance[r][p] * h for p, h in zip(parents[r], self.calibrated(
+            parents[r], probabilities[r]), strict=True)] for r in range(self.rows)]  # [B][K], in beam order
         means = [sum(column) / self.rows for column in zip(*candidates, strict=True)]
         gains = list(itertools.accumulate(means, initial=0.0))
         best, keep = self.expected / self.seconds(self.draft_seconds, self.nodes), 0
@@ -315,6 +314,16 @@ class AutoTree:
             self.level_means = means[:keep]
             self.shape.append(keep)
         return keep
+
+    def calibrated(self, parents: list[int], probabilities: list[float]) -> list[float]:
+        """h of one row's candidates (beam order: a parent's children come in its own rank order)."""
+        seen: dict[int, int] = {}
+        out = []
+        for parent, q in zip(parents, probabilities, strict=True):
+            rank = seen.get(parent, 0)
+            seen[parent] = rank + 1
+            out.append(self.acceptance.h(q, rank))
+        return out
 
     def verified(self) -> None:
         """After acceptance (whose host transfer waited for the verification forward)."""
