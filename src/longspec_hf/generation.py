@@ -9,6 +9,9 @@ One loop serves every drafter and every tree shape (a chain is a tree of width 1
 4. the target cache is compacted to the accepted path and the draft commits the same tokens;
 5. stopping criteria and the streamer see the new tokens one by one, as in plain decoding.
 
+With a ``compile_config`` (transformers' own option), the draft's level forwards and the verification forward run
+through ``torch.compile`` (``compiled.py``); nothing else changes.
+
 Losslessness: step 3 computes every emitted token from the target's logits at exactly the prefix plain decoding would
 use, with transformers' own logits processors, so greedy output is token-identical and sampled output has the same
 distribution (each token is drawn from the target's processed distribution; draft tokens are deterministic children,
