@@ -212,3 +212,25 @@ def test_top_children_and_their_siblings_are_calibrated_apart():
     planner = auto_tree.AutoTree(FrozenCost(**CPU_LIKE), model, torch.device("cpu"))
     # Candidates in beam order: parent 0's top two children, then parent 1's top child.
     assert planner.calibrated([0, 0, 1], [0.2, 0.2, 0.2]) == [model.h(0.2, 0), model.h(0.2, 1), model.h(0.2, 0)]
+
+
+def test_predictions_are_scaled_towards_what_the_call_accepts():
+    """Acceptance along a path is correlated, so per-node products can be biased either way for a given text: the
+    planner scales its predictions by what the call's rounds actually accepted (bounded)."""
+    def planner_after(accepted_path, predicted, rounds=40):
+        planner = auto_tree.AutoTree(FrozenCost(**CPU_LIKE), AcceptanceModel(), torch.device("cpu"))
+        for _ in range(rounds):
+            planner.begin_round(1000, 1, 3)
+            planner.expected, planner.tree_nodes = 1.0 + predicted, 4
+            planner.levels = [(0, torch.tensor([[[5]]]), torch.tensor([[[0.0]]]))]  # the root's level was drafted
+            planner.verified()
+            planner.end_round([0] * 4, [accepted_path], [[5] + [6] * len(accepted_path)])
+        return planner
+
+    under = planner_after([1, 2, 3], predicted=0.5)  # accepts three where one half was predicted
+    assert under.scale == auto_tree.SCALE_RANGE[1]
+    over = planner_after([], predicted=2.0)
+    assert over.scale == auto_tree.SCALE_RANGE[0]
+    assert over.calibrated([0], [0.9]) == [pytest.approx(0.5 * over.acceptance.h(0.9))]
+    assert planner_after([1], predicted=1.0).scale == pytest.approx(1.0)
+    assert under.calibrated([0], [0.9]) == [1.0]  # a probability stays one at most

@@ -47,6 +47,11 @@ FRONTIER = 4  # nodes of a predicted level whose children the lookahead consider
 # A prompt-lookup branch's accepted tokens beyond the draft's, per row and round: an optimistic prior (it is tried
 # early) worth one round, then a running mean over the last LOOKUP_MEMORY rounds that used it.
 LOOKUP_PRIOR, LOOKUP_MEMORY = 1.0, 16
+# Per call, the acceptance model's predictions are scaled by how the draft's accepted tokens compare with them: each
+# round moves the scale by (accepted + 1) / (predicted + 1) to this power, within SCALE_RANGE. The product of
+# per-node probabilities misses that acceptance along a path is correlated (a draft on track stays on it), by an
+# amount that depends on the text.
+SCALE_RATE, SCALE_RANGE = 0.2, (0.5, 2.0)
 
 
 def measure_sizes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -154,6 +159,7 @@ class AutoTree:
         self.lookup_gain, self._lookup_weight = LOOKUP_PRIOR, 1.0
         self.rounds_without_lookup = 0
         self._last_round = (1.0, 1, 0.0)  # per row: expected tokens, tree nodes, draft seconds of the last round
+        self.scale = 1.0  # accepted / predicted draft tokens of this call, as a correction of the predictions
 
     # ----------------------------------------------------------------------------------------------------------------
     # first use: a few timed forwards
@@ -245,7 +251,7 @@ class AutoTree:
         for level in range(HORIZON):
             if depth + level >= self.depth_cap or not frontier:
                 break
-            rates = [self.acceptance.rank_rate(r, depth + level) for r in range(self.max_width)]
+            rates = [min(self.scale * self.acceptance.rank_rate(r, depth + level), 1.0) for r in range(self.max_width)]
             draft_seconds += self.draft_curve(len(frontier))
             parents = sorted(frontier, reverse=True)[:FRONTIER]
             children = sorted((a * r for a in parents for r in rates), reverse=True)[: self.max_width]
@@ -322,7 +328,7 @@ class AutoTree:
         for parent, q in zip(parents, probabilities, strict=True):
             rank = seen.get(parent, 0)
             seen[parent] = rank + 1
-            out.append(self.acceptance.h(q, rank))
+            out.append(min(self.scale * self.acceptance.h(q, rank), 1.0))
         return out
 
     def verified(self) -> None:
@@ -336,6 +342,10 @@ class AutoTree:
         self._previous = (self.rows, self.context, len(tree), self.draft_seconds, verify_seconds)
         self.rounds_without_draft = 0 if self.levels else self.rounds_without_draft + 1
         self._last_round = (self.expected / self.rows, self.tree_nodes, self.draft_seconds)
+        if self.levels and self.forced is None:
+            accepted = sum(node < self.tree_nodes for path in paths for node in path)
+            factor = ((accepted + 1) / (self.expected - self.rows + 1)) ** SCALE_RATE
+            self.scale = min(max(self.scale * factor, SCALE_RANGE[0]), SCALE_RANGE[1])
         if self.lookup:
             beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
             self.lookup_gain += (beyond - self.lookup_gain) / (self._lookup_weight + 1)
