@@ -197,3 +197,32 @@ def test_bench_runs_each_tree_compiled_next_to_eager():
     assert torch.equal(out, plain_greedy(target, ids, max_new_tokens=6))
     assert RUNS["graphs"] == before  # the bench asks for CompileConfig(): plain inductor, not this file's backend
     assert any("'inductor'" in key for key in target.__dict__["_longspec_compiled_calls"])
+
+
+@pytest.mark.parametrize("kind", ["longspec", "self_draft"])
+def test_rounds_compile_without_graph_breaks(family, kind):
+    """The hybrid attention, the caches and both drafters trace into whole graphs (tracing only: eager backend)."""
+    from torch._dynamo.utils import counters
+
+    target = tiny_target(family)
+    draft = random_draft(target, [2, 2]) if kind == "longspec" else SelfDraft.from_target(
+        target, sink_size=2, window_size=16, tree_shape=[2, 2])
+    counters.clear()
+    out = target.generate(random_prompt(70, seed=5), assistant_model=draft, do_sample=False, max_new_tokens=8,
+                          compile_config=CompileConfig(backend="eager"))
+    assert torch.equal(out, plain_greedy(target, random_prompt(70, seed=5), max_new_tokens=8))
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+
+
+def test_compile_options_never_pass_both_a_mode_and_options():
+    options = compile_options(CompileConfig(options={"trace.enabled": False}))
+    assert options["mode"] is None and options["options"] == {"trace.enabled": False}
+
+
+def test_the_draft_state_resolves_each_compiled_call_once():
+    from longspec_hf.drafting import DraftState
+
+    target = tiny_target("llama")
+    state = DraftState(cache=None, compile_config=COMPILED)
+    assert state.forward_of(target) is state.forward_of(target)
+    assert DraftState(cache=None).forward_of(target) is target

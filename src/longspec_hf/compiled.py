@@ -51,9 +51,8 @@ def compile_options(config: CompileConfig) -> dict:
     """`torch.compile` keyword arguments for a round's forwards (see the module docstring)."""
     options = config.to_dict()
     options["dynamic"] = True
-    options["mode"] = _CAPTURING_MODES.get(options.get("mode"), options.get("mode"))
-    if options.get("options") and options["mode"] not in (None, "default"):
-        options["mode"] = None  # torch.compile takes a mode or options, not both
+    # torch.compile takes a mode or options, not both (not even mode="default")
+    options["mode"] = None if options.get("options") else _CAPTURING_MODES.get(options["mode"], options["mode"])
     return options
 
 

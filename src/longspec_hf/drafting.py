@@ -22,14 +22,17 @@ class DraftState:
     cache: Cache
     extra: dict[str, Any] = field(default_factory=dict)
     compile_config: Any = None
+    _forwards: dict = field(default_factory=dict, repr=False)  # id(module) -> its compiled call, for this call
 
     def forward_of(self, module):
-        """`module`, or its compiled call under compiled rounds."""
+        """`module`, or its compiled call under compiled rounds (looked up once per call, not per round)."""
         if self.compile_config is None:
             return module
-        from .compiled import compiled_call
+        if id(module) not in self._forwards:
+            from .compiled import compiled_call
 
-        return compiled_call(module, self.compile_config)
+            self._forwards[id(module)] = compiled_call(module, self.compile_config)
+        return self._forwards[id(module)]
 
 
 class Drafter:

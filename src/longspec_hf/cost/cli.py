@@ -34,7 +34,7 @@ def drafters(target, args: argparse.Namespace) -> dict:
 
     kinds = ["longspec"] + (["self_draft"] if args.self_draft else [])
     found = {kind: make(kind) for kind in kinds}
-    if getattr(args, "compile_rounds", False):
+    if args.compile_rounds:
         from transformers import CompileConfig
 
         for kind in kinds:
