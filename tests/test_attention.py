@@ -151,9 +151,70 @@ def test_no_mask_and_boolean_mask():
     torch.testing.assert_close(run(q, k, v, mask == 0, 10)[0], dense_reference(q, k, v, mask), atol=1e-5, rtol=0)
 
 
-def test_unknown_kwargs_are_ignored():
+def test_inputs_that_change_nothing_are_accepted():
     q, k, v, mask = make_case(1, 4, 2, 10, 3, seed=7)
-    out, _ = run(q, k, v, mask, 10, position_ids=torch.arange(3)[None], use_cache=True, is_causal=True, softcap=None)
+    out, _ = run(q, k, v, mask, 10, position_ids=torch.arange(3)[None], use_cache=True, is_causal=True, softcap=None,
+                 s_aux=None, output_attentions=False)
+    torch.testing.assert_close(out, dense_reference(q, k, v, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [{"position_bias": torch.zeros(1)}, {"indices": torch.zeros(1)},
+                                   {"is_causal": False}], ids=["position_bias", "indices", "bidirectional"])
+def test_an_input_it_does_not_implement_is_refused_not_dropped(extra):
+    from longspec_hf.support import UnsupportedTargetError
+
+    q, k, v, mask = make_case(1, 4, 2, 10, 3, seed=7)
+    name = next(iter(extra))
+    with pytest.raises(UnsupportedTargetError, match=f"passes .*{name}.* to its attention function"):
+        run(q, k, v, mask, 10, **extra)
+
+
+def dense_reference_with(q, k, v, mask, softcap=None, sinks=None, scale=SCALE):
+    """The families' own eager rule: scaled scores, soft-capped (Gemma 2), masked, a sink logit per head joining the
+    softmax and dropped after it (gpt-oss)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask.float()
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("p", [0, 1, 37])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_capping_and_sinks_match_the_eager_rule(backend, heads, p, padded):
+    q, k, v, mask = make_case(2, *heads, p, 5, padded=padded, seed=p + 11)
+    q = q * 3  # scores well beyond the cap, so capping bites
+    sinks = torch.randn(heads[0], generator=torch.Generator().manual_seed(p))
+    for softcap, s_aux in ((2.0, None), (None, sinks), (2.0, sinks)):
+        out, _ = run(q, k, v, mask, p, backend, tree_prefix_masked=padded, softcap=softcap, s_aux=s_aux)
+        expected = dense_reference_with(q, k, v, mask, softcap, s_aux)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        assert (out - dense_reference(q, k, v, mask)).abs().max() > 1e-3, "the case must be changed by the input"
+
+
+def test_soft_capping_and_sinks_outside_verification_are_exact_too():
+    q, k, v, mask = make_case(1, 4, 2, 10, 3, seed=12)
+    sinks = torch.randn(4)
+    out, _ = hybrid_tree_attention(None, q * 3, k, v, mask, scaling=SCALE, softcap=2.0, s_aux=sinks)
+    torch.testing.assert_close(out, dense_reference_with(q * 3, k, v, mask, 2.0, sinks), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_narrower_than_keys(backend):
+    """Multi-head latent attention (DeepSeek-style) has value heads narrower than query/key heads."""
+    q, k, v, mask = make_case(2, 8, 2, 30, 5, padded=True, seed=13)
+    v = v[..., :8].contiguous()
+    out, _ = run(q, k, v, mask, 30, backend, tree_prefix_masked=True)
+    assert out.shape == (2, 5, 8, 8)
     torch.testing.assert_close(out, dense_reference(q, k, v, mask), atol=1e-5, rtol=0)
 
 

@@ -200,7 +200,8 @@ def test_verification_mask_covers_the_prefix_only_when_something_there_is_hidden
                         next_positions=torch.full((2,), slots))
     assert verification_mask(state, tree, torch.float32, None).shape == (2, 1, len(tree), len(tree))
     assert verification_mask(state, tree, torch.float32, 1000).shape == (2, 1, len(tree), len(tree))
-    assert verification_mask(state, tree, torch.float32, 64).shape == (2, 1, len(tree), slots + len(tree))
+    # A biting window reads only the last window - 1 slots: O(window) mask and keys, whatever the context.
+    assert verification_mask(state, tree, torch.float32, 64).shape == (2, 1, len(tree), 63 + len(tree))
     state.valid = torch.ones(2, slots, dtype=torch.bool)
     state.valid[1, :5] = False  # left padding
     mask = verification_mask(state, tree, torch.float32, None)

@@ -43,6 +43,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .support import UnsupportedTargetError, record_probe_call
+
 HYBRID_ATTENTION_NAME = "longspec_hybrid"
 BACKENDS = ("auto", "flash_attn", "sdpa_lse", "torch")
 
@@ -128,19 +130,26 @@ def stack_mask(mask: torch.Tensor, heads: int, kv_heads: int, q_len: int, dtype:
 # -------------------------------------------------------------------------------------------------------- backends
 
 
-def torch_attention_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention in fp32; `query [B, H, q, D]`, `key/value [B, Hkv, S, D]`, additive `mask [B|1, 1|H, q, S]`.
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): `softcap * tanh(scores / softcap)`, applied to scaled scores before the mask."""
+    return scores if softcap is None else torch.tanh(scores / softcap).mul_(softcap)
 
-    Returns `(out [B, H, q, D], lse [B, H, q])`, fp32. The query heads sharing a KV head are stacked along the query
+
+def torch_attention_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention in fp32; `query [B, H, q, D]`, `key [B, Hkv, S, D]`, `value [B, Hkv, S, Dv]`, additive
+    `mask [B|1, 1|H, q, S]`, optional logit soft-capping.
+
+    Returns `(out [B, H, q, Dv], lse [B, H, q])`, fp32. The query heads sharing a KV head are stacked along the query
     axis instead of copying the KV heads, so a long prefix is never duplicated.
     """
     b, h, n, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = kv_groups(query, key)
     q = stack_query_heads(query.float(), hkv)  # [B, Hkv, g*q, D]
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scale)  # [B, Hkv, g*q, S]
+    scores = soft_cap(torch.matmul(q, key.float().transpose(-1, -2)).mul_(scale), softcap)  # [B, Hkv, g*q, S]
     if mask is not None:
         scores = scores.view(b, hkv, g, n, s)  # [B, Hkv, g, q, S]
         m = mask.float()
@@ -262,12 +271,14 @@ def _flash_attn_func(required: bool = False) -> Callable | None:
 
 
 def flash_attention_lse(
-    flash_attn_func: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    flash_attn_func: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash-attn without a mask (CUDA, fp16/bf16, GQA native); takes `[B, S, H, D]`, returns lse `[B, H, q]`."""
+    """flash-attn without a mask (CUDA, fp16/bf16, GQA native, native soft-capping); takes `[B, S, H, D]`, returns
+    lse `[B, H, q]`."""
     out, lse = flash_attn_func(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        softmax_scale=scale, causal=False, return_attn_probs=True,
+        softmax_scale=scale, causal=False, softcap=0.0 if softcap is None else float(softcap), return_attn_probs=True,
     )[:2]
     return out.transpose(1, 2).float(), lse[..., : query.shape[2]].float()
 
@@ -287,23 +298,38 @@ def prefix_attention_lse(
     mask: torch.Tensor | None,
     scale: float,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the tree queries over the prefix keys with its LSE: `(out [B, H, q, D], lse [B, H, q])`, fp32.
+    """Attention of the tree queries over the prefix keys with its LSE: `(out [B, H, q, Dv], lse [B, H, q])`, fp32.
 
     `backend` is assumed checked (:func:`check_backend`); a backend that cannot serve the inputs falls through.
+    Soft-capped scores are served by flash-attn (native) and the torch path; torch's fused ops cannot cap them.
+    Keys and values of different head dims (multi-head latent attention) go to the torch path.
     """
-    if backend in ("auto", "flash_attn") and mask is None and query.is_cuda and query.dtype in _HALF:
+    same_dims = key.shape[-1] == value.shape[-1]
+    if backend in ("auto", "flash_attn") and mask is None and query.is_cuda and query.dtype in _HALF and same_dims:
         flash = _flash_attn_func()
         if flash is not None and key.shape[2] > 0:
             try:
-                return flash_attention_lse(flash, query, key, value, scale)
+                return flash_attention_lse(flash, query, key, value, scale, softcap)
             except RuntimeError:  # head dims / GPUs the package does not serve: fall through as the other kernels do
                 pass
-    if backend != "torch":
+    if backend != "torch" and softcap is None and same_dims:
         result = sdpa_lse_attention(query, key, value, mask, scale)
         if result is not None:
             return result
-    return torch_attention_lse(query, key, value, mask, scale)
+    return torch_attention_lse(query, key, value, mask, scale, softcap)
+
+
+def add_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention sinks (gpt-oss's ``s_aux``): a learned logit per head that joins every row's softmax denominator and
+    carries no value. It is one more part of the LSE merge: lse = `sinks[h]`, output 0.
+
+    `out [B, H, q, Dv]`, `lse [B, H, q]`, `sinks [H]` -> the same shapes, fp32.
+    """
+    sink_lse = sinks.float().view(1, -1, 1).expand_as(lse)  # [B, H, q]
+    total = torch.logaddexp(lse, sink_lse)
+    return out * torch.exp(lse - total)[..., None], total
 
 
 def merge_attention_states(
@@ -325,7 +351,40 @@ def merge_attention_states(
 # ----------------------------------------------------------------------------------------- the attention function
 
 
-def _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
+# Keywords that reach an attention function without changing its result here: what the model forwards from its own
+# call, outputs the tree path does not produce (attention weights), and packed-sequence metadata that is None unless
+# sequences are packed. Anything else that is not None is refused (see check_attention_inputs).
+IGNORED_INPUTS = frozenset({
+    "position_ids", "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position",
+    "cache", "past_key_values", "layer_idx", "token_type_ids", "logits_to_keep", "output_router_logits",
+})
+# Inputs implemented here, named for the error message of a family that passes something else.
+IMPLEMENTED_INPUTS = ("scaling", "dropout", "sliding_window", "softcap", "s_aux", "is_causal")
+
+
+def check_attention_inputs(module, kwargs: dict, is_causal: bool | None) -> None:
+    """Refuse an attention input the tree path would otherwise drop, naming the family and the input."""
+    unknown = sorted(name for name, value in kwargs.items() if value is not None and name not in IGNORED_INPUTS)
+    if is_causal is False:
+        unknown.append("is_causal=False")
+    if unknown:
+        family = type(module).__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
+        raise UnsupportedTargetError(
+            f"{family} passes {', '.join(map(repr, unknown))} to its attention function, which LongSpec's tree "
+            f"verification does not implement (it implements {', '.join(IMPLEMENTED_INPUTS)}); its output would "
+            "differ from plain generate(), so this model cannot be used with a LongSpec draft."
+        )
+
+
+def _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, s_aux,
+                    kwargs) -> tuple[torch.Tensor, None]:
+    if softcap is not None or s_aux is not None:
+        # transformers' SDPA cannot cap logits or add sinks: exact dense attention on the plain path instead.
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out, lse = torch_attention_lse(query, key, value, as_additive_mask(attention_mask, query.dtype), scale, softcap)
+        if s_aux is not None:
+            out, lse = add_sink(out, lse, s_aux)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     # sdpa_attention_forward learns GQA from the module only; expand here when the module does not say.
     if query.shape[1] != key.shape[1] and getattr(module, "num_key_value_groups", 1) == 1:
         key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
@@ -349,29 +408,41 @@ def hybrid_tree_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    is_causal: bool | None = None,
     tree_prefix_len: int | None = None,
     tree_prefix_masked: bool = False,
+    tree_window_keys: int | None = None,
     tree_attn_backend: str = "auto",
     tree_partial=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """`AttentionInterface` function: `query [B, H, q, D]`, `key/value [B, Hkv, P + q, D]`, additive
-    `attention_mask [B, 1, q, P + q]`, `[B, 1, q, q]` (every prefix key visible) or None; returns
-    `(out [B, q, H, D] contiguous, None)`.
+    """`AttentionInterface` function: `query [B, H, q, D]`, `key [B, Hkv, P + q, D]`, `value [B, Hkv, P + q, Dv]`,
+    additive `attention_mask [B, 1, q, P + q]`, `[B, 1, q, q]` (every prefix key visible) or None; returns
+    `(out [B, q, H, Dv] contiguous, None)`.
 
     Args:
         tree_prefix_len: P, the committed keys before the `q` tree keys; marks a verification forward. Without it
             this is transformers' SDPA attention (exact dense attention, dropout included).
         tree_prefix_masked: the prefix holds padding / placeholder slots, so its part of the mask must be applied.
         sliding_window: the layer's window; when `P + q` exceeds it the prefix mask is applied too.
+        tree_window_keys: M, for sliding layers: only the last M prefix keys can be visible, and the mask covers
+            just those (`[B, 1, q, M + q]`), so the layer reads O(window) keys whatever the context.
+        softcap: logit soft-capping (Gemma 2), applied to both parts before their LSEs.
+        s_aux: `[H]` attention-sink logits (gpt-oss), one more term of every row's softmax denominator.
         tree_attn_backend: "auto" | "flash_attn" | "sdpa_lse" | "torch", for the prefix part.
         tree_partial: SpecPV state (:class:`~longspec_hf.specpv.PartialKV`): in a partial round the prefix part
             reads only the retrieved KV and the recent tail; in a refresh round it also chooses what to retrieve.
 
-    `dropout` is ignored on the tree path (verification is inference). Other kwargs are accepted and ignored.
+    `dropout` is ignored on the tree path (verification is inference). Any other input that is not None and could
+    change the result is refused (:func:`check_attention_inputs`), never dropped.
     """
+    record_probe_call(tree_prefix_len is not None)
     if tree_prefix_len is None:
-        return _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        return _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, s_aux,
+                               {**kwargs, "is_causal": is_causal})
+    check_attention_inputs(module, kwargs, is_causal)
     check_backend(tree_attn_backend)
     prefix_len, q_len = int(tree_prefix_len), query.shape[2]
     if key.shape[2] != prefix_len + q_len:
@@ -382,24 +453,33 @@ def hybrid_tree_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     mask = as_additive_mask(attention_mask, query.dtype)  # [B, 1, q, P + q] or None
 
-    # A mask over the last q keys only means the caller found nothing to hide in the prefix (no O(context) mask).
-    prefix_columns = mask is not None and mask.shape[-1] == prefix_len + q_len
     tree_mask = None if mask is None else mask[..., -q_len:]  # [B, 1, q, q]
-    out, lse = torch_attention_lse(query, key[:, :, prefix_len:], value[:, :, prefix_len:], tree_mask, scale)
-    if prefix_len > 0:
-        window_bites = sliding_window is not None and prefix_len + q_len > sliding_window
-        prefix_mask = mask[..., :prefix_len] if prefix_columns and (tree_prefix_masked or window_bites) else None
-        prefix_k, prefix_v = key[:, :, :prefix_len], value[:, :, :prefix_len]
+    out, lse = torch_attention_lse(query, key[:, :, prefix_len:], value[:, :, prefix_len:], tree_mask, scale, softcap)
+    start = 0
+    if sliding_window is not None and tree_window_keys is not None:
+        # Keys before the window are invisible to every tree query: not read at all.
+        start = prefix_len - int(tree_window_keys)
+        if mask is None or mask.shape[-1] != tree_window_keys + q_len:
+            raise ValueError(f"tree_window_keys={tree_window_keys} needs a mask over {tree_window_keys + q_len} keys.")
+    # A mask over the last q keys only means the caller found nothing to hide in the prefix (no O(context) mask).
+    prefix_columns = mask is not None and mask.shape[-1] == prefix_len - start + q_len
+    if prefix_len > start:
+        window_bites = sliding_window is not None and (start > 0 or prefix_len + q_len > sliding_window)
+        prefix_mask = mask[..., :-q_len] if prefix_columns and (tree_prefix_masked or window_bites) else None
+        prefix_k, prefix_v = key[:, :, start:prefix_len], value[:, :, start:prefix_len]
         # SpecPV applies to full-attention layers only; sliding layers already read a bounded prefix.
         partial = tree_partial if tree_partial is not None and sliding_window is None else None
         if partial is not None and partial.mode == "partial":
-            o1, lse1 = partial.attention(layer_index(module), query, prefix_k, prefix_v, scale, tree_attn_backend)
+            o1, lse1 = partial.attention(layer_index(module), query, prefix_k, prefix_v, scale, tree_attn_backend,
+                                         softcap)
         else:
-            o1, lse1 = prefix_attention_lse(query, prefix_k, prefix_v, prefix_mask, scale, tree_attn_backend)
+            o1, lse1 = prefix_attention_lse(query, prefix_k, prefix_v, prefix_mask, scale, tree_attn_backend, softcap)
             if partial is not None:
                 partial.refresh(layer_index(module), query, prefix_k, prefix_v)
         out, lse = merge_attention_states(o1, lse1, out, lse)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, q, H, D]
+    if s_aux is not None:
+        out, lse = add_sink(out, lse, s_aux)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, q, H, Dv]
 
 
 # ------------------------------------------------------------------------------------------------- registration

@@ -72,16 +72,17 @@ class PreallocatedLayer(DynamicLayer):
     def capacity(self) -> int:
         return 0 if self._key_buffer is None or self._key_buffer.dim() < 3 else self._key_buffer.shape[-2]
 
-    def _reserve(self, like: torch.Tensor, slots: int) -> None:
+    def _reserve(self, key_like: torch.Tensor, value_like: torch.Tensor, slots: int) -> None:
         """Make room for `slots` slots in total, keeping the filled ones."""
         if slots <= self.capacity:
             return
         # Geometric growth keeps appends amortised O(new tokens); 1.25x rather than 2x because at long context a
         # doubled buffer is gigabytes of idle memory.
         capacity = max(slots, self.capacity * 5 // 4, self.reserve)
-        b, h, _, d = like.shape
-        keys = like.new_empty(b, h, capacity, d)  # [B, Hkv, capacity, D]
-        values = like.new_empty(b, h, capacity, d)
+        b, h, _, d = key_like.shape
+        keys = key_like.new_empty(b, h, capacity, d)  # [B, Hkv, capacity, D]
+        # Values may be narrower than keys (multi-head latent attention) and have their own head count.
+        values = value_like.new_empty(*value_like.shape[:2], capacity, value_like.shape[-1])  # [B, Hkv', capacity, Dv]
         if self.length:
             keys[:, :, : self.length] = self.keys
             values[:, :, : self.length] = self.values
@@ -92,7 +93,7 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.device, self.is_initialized = key_states.device, True
         start, end = self.length, self.length + key_states.shape[-2]
-        self._reserve(key_states, end)
+        self._reserve(key_states, value_states, end)
         self._key_buffer[:, :, start:end] = key_states
         self._value_buffer[:, :, start:end] = value_states
         self.length = end

@@ -93,7 +93,7 @@ class LongSpecDraftConfig(PreTrainedConfig):
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // num_heads,
             hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", None) or "silu",
-            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rms_norm_eps=getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_eps", None) or 1e-6,
             max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
             rope_parameters=dict(text.rope_parameters) if getattr(text, "rope_parameters", None) else None,
             target_model_type=text.model_type,

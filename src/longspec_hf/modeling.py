@@ -16,10 +16,13 @@ trained with, applied alike by training (:mod:`longspec_hf.training.objective`) 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,7 @@ from .checkpoints import (
 )
 from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
+from .support import UnsupportedTargetError, check_supported_target, last_layer_kv_geometry
 from .tree import (
     AUTO,
     DraftTree,
@@ -72,8 +76,68 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x [B, H, q, D]`, `cos/sin [B, q, D]` (as returned by transformers' rotary embedding modules)."""
+    """`x [B, H, q, D]`, `cos/sin [B, q, R]` (as returned by transformers' rotary embedding modules), `R <= D`.
+
+    With partial rotary (`R < D`, e.g. `partial_rotary_factor`), the first `R` dims rotate and the rest pass.
+    """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def family_rotary_function(rotary: nn.Module, rotary_kwargs: dict, head_dim: int) -> Callable:
+    """How the target's family rotates its queries and keys: its modeling file's `apply_rotary_pos_emb(q, k, cos,
+    sin)` (interleaved halves in GLM, half-size tables in gpt-oss, ...), or :func:`apply_rope` where the family has
+    none of that signature. The draft's queries meet the target's keys, so they must turn alike.
+
+    Some families cut the pass-through dims of partial rotary off in their attention module rather than in their
+    rotary function (Phi): which way the function wants its input is tried once, here, on a dummy head.
+    """
+    family = getattr(sys.modules.get(type(rotary).__module__), "apply_rotary_pos_emb", None)
+    if family is None:
+        return apply_rope
+    try:
+        params = list(inspect.signature(family).parameters.values())
+    except (TypeError, ValueError):
+        return apply_rope
+    required = [p for p in params[4:] if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if len(params) < 4 or required:
+        return apply_rope
+    weight = next(rotary.buffers(), None)
+    device = weight.device if weight is not None else None
+    x = torch.ones(1, 1, 2, head_dim, device=device)
+    cos, sin = rotary(x, torch.arange(2, device=device)[None], **rotary_kwargs)
+    for candidate in (functools.partial(_rotate_whole, family), functools.partial(_rotate_split, family)):
+        try:
+            if candidate(x, cos, sin).shape == x.shape:
+                return candidate
+        except RuntimeError:
+            continue
+    return apply_rope
+
+
+def _rotate_whole(family: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return family(x, x, cos, sin)[0]
+
+
+def _rotate_split(family: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    return torch.cat([family(x[..., :rot], x[..., :rot], cos, sin)[0], x[..., rot:]], dim=-1)
+
+
+def rotary_call_kwargs(rotary: nn.Module, text_config) -> dict:
+    """Extra arguments of the target's rotary module: families with one rotary per layer type (Gemma 3, OLMo 3) take
+    `layer_type`; the draft uses the last layer's, whose keys it cross-attends to."""
+    try:
+        params = inspect.signature(rotary.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    layer_types = getattr(text_config, "layer_types", None)
+    if "layer_type" in params and layer_types:
+        return {"layer_type": layer_types[-1]}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,6 +255,8 @@ class BoundTarget:
     embed_tokens: nn.Module
     lm_head: nn.Module
     rotary_emb: nn.Module
+    rotary_kwargs: dict  # e.g. the layer type of a per-layer-type rotary (rotary_call_kwargs)
+    rotate: Callable  # (x [B, H, q, D], cos, sin) -> x rotated as the family rotates (family_rotary_function)
 
 
 def find_rotary_embedding(target: PreTrainedModel) -> nn.Module | None:
@@ -373,12 +439,28 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
             )
         rotary = find_rotary_embedding(target)
         embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-        if rotary is None or embed is None or head is None:
-            raise ValueError(
-                f"{type(target).__name__} has no rotary embedding / input embeddings / LM head where a LongSpec draft "
-                "expects them; use a causal LM with RoPE (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
+        missing = [part for part, found in (("a rotary embedding (RoPE)", rotary), ("input embeddings", embed),
+                                            ("an LM head", head)) if found is None]
+        if missing:
+            raise UnsupportedTargetError(
+                f"{type(target).__name__} has no {' or '.join(missing)} where a LongSpec draft expects them (it shares "
+                "the target's); use a causal LM with RoPE (e.g. Llama, Qwen3, Mistral, Gemma 3), or "
+                "SelfDraft.from_target(target)."
             )
-        self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary)
+        geometry = last_layer_kv_geometry(target)
+        expected = ((self.config.num_key_value_heads, self.config.head_dim),) * 2
+        if geometry is not None and tuple(geometry) != expected:
+            (kh, kd), (vh, vd) = geometry
+            raise UnsupportedTargetError(
+                f"{type(target).__name__}'s last layer caches keys of {kh} heads x {kd} dims and values of {vh} x "
+                f"{vd}, not the {expected[0][0]} x {expected[0][1]} its config declares (e.g. multi-head latent "
+                "attention); a LongSpec draft cross-attends to them as declared, so none can be built for it. Use "
+                "SelfDraft.from_target(target) instead."
+            )
+        rotary_kwargs = rotary_call_kwargs(rotary, text)
+        rotate = family_rotary_function(rotary, rotary_kwargs, self.config.head_dim)
+        self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary,
+                                  rotary_kwargs=rotary_kwargs, rotate=rotate)
         mismatch = other_target_name(self.config, target.config)
         if mismatch:
             warnings.warn(mismatch, UserWarning, stacklevel=3)
@@ -400,7 +482,11 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     # the layer
 
     def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._require_bound().rotary_emb(x, position_ids)
+        bound = self._require_bound()
+        return bound.rotary_emb(x, position_ids, **bound.rotary_kwargs)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._require_bound().rotate(x, cos, sin)
 
     def self_attention_kv(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor):
         """Self-attention KV of tokens `[B, q]` at `position_ids [B, q]`: `([B, Hkv, q, D], [B, Hkv, q, D])`.
@@ -411,7 +497,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         hidden = self._require_bound().embed_tokens(input_ids)
         cos, sin = self._rope(hidden, position_ids)
         x = self.input_layernorm(hidden)
-        k = apply_rope(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
+        k = self._rotate(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
         v = self.self_attn.split(x, self.self_attn.v_proj)
         return k, v
 
@@ -444,8 +530,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
         # 1. self-attention over the draft's own sink+window cache
         x = self.input_layernorm(hidden)
-        q = apply_rope(self.self_attn.split(x, self.self_attn.q_proj), cos, sin)
-        k = apply_rope(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
+        q = self._rotate(self.self_attn.split(x, self.self_attn.q_proj), cos, sin)
+        k = self._rotate(self.self_attn.split(x, self.self_attn.k_proj), cos, sin)
         v = self.self_attn.split(x, self.self_attn.v_proj)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, 0)
@@ -455,7 +541,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
         # 2. cross-attention over the target's last-layer KV cache
         x = self.post_self_attention_layernorm(hidden)
-        q = apply_rope(self.cross_attn.split(x, self.cross_attn.q_proj), cos, sin)
+        q = self._rotate(self.cross_attn.split(x, self.cross_attn.q_proj), cos, sin)
         mask = None if cross_attention_mask is None else cross_attention_mask.to(q.dtype)
         attn = F.scaled_dot_product_attention(
             q, target_key.to(q.dtype), target_value.to(q.dtype), attn_mask=mask, enable_gqa=True
@@ -579,17 +665,3 @@ def check_placement(draft: nn.Module, target: PreTrainedModel) -> None:
         f"The draft is on {param.device} in {param.dtype} but the target is on {target.device} in {target.dtype}; "
         "move the draft first: draft.to(target.device, target.dtype)."
     )
-
-
-def check_supported_target(target: PreTrainedModel) -> None:
-    """Refuse targets the engine cannot verify trees on, with the fix in the message."""
-    config = target.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{type(target).__name__} is an encoder-decoder model; LongSpec drafts work with decoder-only causal LMs."
-        )
-    if not getattr(target, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(target).__name__} does not use transformers' AttentionInterface, which tree verification needs; "
-            "use a causal LM that does (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
-        )

@@ -154,16 +154,17 @@ class PartialKV:
         self.tail_start = tail_start
 
     def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix attention of a partial round: retrieved KV + the tail `key[:, :, tail_start:]`, merged exactly."""
         k_r, v_r, valid_r = self.retrieved[layer]
         heads = query.shape[1]
         tail = slice(self.tail_start, None)
         valid_t = None if self.valid is None else self.valid[:, tail]
         out, lse = prefix_attention_lse(query, key[:, :, tail], value[:, :, tail],
-                                        head_mask(valid_t, heads, query.dtype), scale, backend)
+                                        head_mask(valid_t, heads, query.dtype), scale, backend, softcap)
         if k_r.shape[2]:
-            o_r, lse_r = prefix_attention_lse(query, k_r, v_r, head_mask(valid_r, heads, query.dtype), scale, backend)
+            o_r, lse_r = prefix_attention_lse(query, k_r, v_r, head_mask(valid_r, heads, query.dtype), scale, backend,
+                                              softcap)
             out, lse = merge_attention_states(o_r, lse_r, out, lse)
         return out, lse
 

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache
 
 from .attention import HYBRID_ATTENTION_NAME
 from .compat import cache_kwarg
+from .support import UnsupportedTargetError
 from .tree import DraftTree, tree_attention_bias
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -42,7 +43,7 @@ def layer_attention_types(config) -> tuple[set[str], int | None]:
     types = set(layer_types)
     unsupported = types - {FULL, SLIDING}
     if unsupported:
-        raise ValueError(
+        raise UnsupportedTargetError(
             f"{text.model_type} has layers of type {sorted(unsupported)}, which tree verification does not support; "
             "use a model with full or sliding-window attention layers."
         )
@@ -87,6 +88,20 @@ def window_hidden(key_positions: torch.Tensor, query_positions: torch.Tensor, wi
     return key_positions[:, None, :] <= (query_positions[:, :, None] - window)
 
 
+def window_keys(state: TargetState, tree_size: int, window: int | None, refeed=None) -> int | None:
+    """How many of the newest committed slots a sliding layer's verification reads, or None for all of them.
+
+    When every slot holds a real token (no padding or placeholders: slot j is position j), the root at position S
+    sees keys j > S - window and deeper nodes fewer, so only the last `window - 1` slots can be visible: the mask and
+    the prefix attention of a sliding layer then cost O(window), not O(context), as a plain decode step's does.
+    None as well where the window cannot bite yet (`S + T <= window`: every slot visible to every node).
+    """
+    slots = state.slot_positions.shape[1]
+    if window is None or state.valid is not None or refeed is not None or slots + tree_size <= window:
+        return None
+    return min(slots, max(window - 1, 0))
+
+
 def verification_mask(
     state: TargetState, tree: DraftTree, dtype: torch.dtype, window: int | None, refeed=None
 ) -> torch.Tensor:
@@ -96,10 +111,19 @@ def verification_mask(
     no O(context) mask per round (the hybrid attention reads the prefix unmasked either way).
 
     Committed slots are visible where valid (and within `window`, if any); the tree sees the valid re-fed tokens.
+    Where :func:`window_keys` bounds a sliding layer's reach to the last `M` slots, the mask is
+    `[B, 1, T, M + T]` over those slots only.
     """
     batch, size = tree.tokens.shape
-    slots = state.slot_positions.shape[1]
     query_pos = state.next_positions[:, None] + tree.depths[None]  # [B, T]
+    reach = window_keys(state, size, window, refeed)
+    if reach is not None:
+        key_pos = state.slot_positions[:, state.slot_positions.shape[1] - reach:]  # [B, M]
+        hidden = window_hidden(key_pos, query_pos, window)  # [B, T, M]
+        prefix = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden,
+                                                                                          torch.finfo(dtype).min)
+        return torch.cat([prefix, tree_attention_bias(tree.ancestors, dtype)], dim=-1)[:, None]  # [B, 1, T, M + T]
+    slots = state.slot_positions.shape[1]
     if refeed is not None:
         query_pos = torch.cat([refeed.positions, query_pos], dim=-1)  # [B, p + T]
     hidden = None if state.valid is None else ~state.valid[:, None, :]
@@ -157,6 +181,7 @@ def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, at
             logits_to_keep=0,
             tree_prefix_len=state.cache.get_seq_length(),
             tree_prefix_masked=state.valid is not None,
+            tree_window_keys=window_keys(state, len(tree), window, refeed),
             tree_attn_backend=attn_backend,
             tree_partial=tree_partial,
             **{cache_kwarg(target): state.cache},
@@ -189,10 +214,9 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
         src = torch.tensor([p + [0] * (longest - len(p)) for p in paths], device=device) + prefix_len  # [B, max_k]
         dst = slice(prefix_len + 1, prefix_len + 1 + longest)
         for layer in cache.layers:
-            b, h, _, d = layer.keys.shape
-            index = src[:, None, :, None].expand(b, h, longest, d)
-            layer.keys[:, :, dst] = layer.keys.gather(2, index)
-            layer.values[:, :, dst] = layer.values.gather(2, index)
+            for kv in (layer.keys, layer.values):  # values may be narrower than keys (latent attention)
+                b, h, _, d = kv.shape
+                kv[:, :, dst] = kv.gather(2, src[:, None, :, None].expand(b, h, longest, d))
     if total > prefix_len + 1 + longest:
         cache.crop(-(total - prefix_len - 1 - longest))
     if state.valid is not None or min(host_lengths) < longest:
