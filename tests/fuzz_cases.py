@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from conftest import FAMILIES, VOCAB, OracleDrafter, random_prompt, tiny_target
+from conftest import FUZZ_FAMILIES, VOCAB, OracleDrafter, random_prompt, tiny_target
 from test_batch import left_padded
 from transformers import DynamicCache
 
@@ -28,7 +28,7 @@ from longspec_hf import LongSpecDraftModel, SelfDraft
 from longspec_hf.compat import cache_kwarg
 
 PAD = 0
-FAMILY_NAMES = tuple(sorted(FAMILIES))
+FAMILY_NAMES = tuple(sorted(FUZZ_FAMILIES))
 DRAFTERS = ("random", "oracle", "self")
 PROCESSORS = ("none", "repetition_penalty", "no_repeat_ngram", "min_new_tokens", "suppress_tokens", "bad_words",
               "prefix_allowed", "combo")

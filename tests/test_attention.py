@@ -280,9 +280,9 @@ def test_registered_in_attention_interface():
     register_hybrid_attention()
     register_hybrid_attention()  # idempotent
     assert AttentionInterface()[HYBRID_ATTENTION_NAME] is hybrid_tree_attention
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    assert AttentionMaskInterface()[HYBRID_ATTENTION_NAME] is sdpa_mask
+    assert AttentionMaskInterface()[HYBRID_ATTENTION_NAME] is eager_mask
 
 
 def test_flash_attn_requested_without_the_package_names_the_extra(monkeypatch):

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .support import UnsupportedTargetError, record_probe_call
 
@@ -376,8 +377,27 @@ def check_attention_inputs(module, kwargs: dict, is_causal: bool | None) -> None
         )
 
 
+def user_attention_function(module) -> Callable | None:
+    """The attention function the user chose for `module`'s model, while a verification (in another thread) has
+    switched its shared config to the hybrid one; None outside such a switch or for this function's own name."""
+    from .verify import user_attention_implementation
+
+    config = getattr(module, "config", None)
+    name = None if config is None else user_attention_implementation(config)
+    if name is None or name == HYBRID_ATTENTION_NAME:
+        return None
+    if name == "eager":  # not in the registry: each family has its own, next to its attention module
+        return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return AttentionInterface._global_mapping.get(name)
+
+
 def _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, s_aux,
                     kwargs) -> tuple[torch.Tensor, None]:
+    own = user_attention_function(module)
+    if own is not None:  # a plain forward in another thread than a verification: exactly what it would run
+        options = {"softcap": softcap, "s_aux": s_aux}
+        return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs,
+                   **{k: v for k, v in options.items() if v is not None})
     if softcap is not None or s_aux is not None:
         # transformers' SDPA cannot cap logits or add sinks: exact dense attention on the plain path instead.
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -488,11 +508,12 @@ def hybrid_tree_attention(
 def register_hybrid_attention() -> None:
     """Register :func:`hybrid_tree_attention` under :data:`HYBRID_ATTENTION_NAME` (idempotent).
 
-    The SDPA mask function is registered for the name too, so transformers can still build masks if the name is
-    selected outside verification (then the function runs as plain SDPA).
+    The eager mask function is registered for the name too: a forward that builds its masks while a verification
+    has switched the shared config (another thread's) gets a materialised additive mask, which every attention
+    function reads correctly (SDPA's may be None, meaning "causal", which an eager function would not apply).
     """
     AttentionInterface.register(HYBRID_ATTENTION_NAME, hybrid_tree_attention)
-    AttentionMaskInterface.register(HYBRID_ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(HYBRID_ATTENTION_NAME, eager_mask)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -78,12 +78,12 @@ def check_supported_target(target: PreTrainedModel, probe: bool = True) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedTargetError(f"{name} is an encoder-decoder model; LongSpec drafts work with decoder-only "
                                      "causal LMs.")
-    if not getattr(target, "_supports_attention_backend", False):
-        raise UnsupportedTargetError(f"{name} does not use transformers' AttentionInterface, which tree verification "
-                                     f"needs; {use}.")
     why = unsupported_layers(config)
     if why is not None:
         raise UnsupportedTargetError(f"{name} has {why}; {use}.")
+    if not getattr(target, "_supports_attention_backend", False):
+        raise UnsupportedTargetError(f"{name} does not use transformers' AttentionInterface, which tree verification "
+                                     f"needs; {use}.")
     if probe and target not in _probed:
         _probed[target] = probe_verification(target)
 
