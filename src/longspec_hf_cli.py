@@ -258,6 +258,15 @@ def add_generate_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text", help="text column of .jsonl / datasets sources")
 
 
+def add_families_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_types", nargs="*", help="model types to check (default: every causal-LM type of the "
+                                                      "installed transformers)")
+    parser.add_argument("--output", default=None, help="write the markdown table here (default: stdout)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per family before it counts as "
+                                                                     "unbuildable")
+    parser.add_argument("--jobs", type=int, default=1, help="families checked at once, one process each")
+
+
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)
 COMMANDS = {
     "train": ("train a draft for a causal LM (runs under accelerate launch)", add_train_arguments,
@@ -274,6 +283,8 @@ COMMANDS = {
                 "longspec_hf.cli:convert_command", False),
     "push": ("upload a saved draft with its card and custom_generate/ folder", add_push_arguments,
              "longspec_hf.cli:push_command", False),
+    "families": ("which causal LMs of the installed transformers decode losslessly or are refused, on tiny random "
+                 "models: the support table", add_families_arguments, "longspec_hf.families:families_command", True),
 }
 
 

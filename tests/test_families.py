@@ -134,3 +134,11 @@ def test_every_causal_lm_is_lossless_or_refused(tmp_path):
     bad = [r for r in results if r.outcome in (MISMATCH, ERROR)]
     (tmp_path / "support.md").write_text(support_table(results))
     assert not bad, "\n".join(f"{r.model_type}: {r.outcome} {r.detail}" for r in bad)
+
+
+def test_the_command_writes_the_table(tmp_path):
+    import longspec_hf_cli
+
+    output = tmp_path / "support.md"
+    longspec_hf_cli.main(["families", "llama", "--output", str(output)])
+    assert "| `llama` | identical |  |" in output.read_text()

@@ -316,7 +316,7 @@ def _checked_in_pool(context, model_types, timeout, jobs, results, log) -> None:
                 return
 
 
-def sweep(model_types: list[str], timeout: float = 120.0, jobs: int = 1, log=None) -> list[FamilyResult]:
+def sweep(model_types: list[str], timeout: float = 600.0, jobs: int = 1, log=None) -> list[FamilyResult]:
     """:func:`check_family` for each type, in worker processes: a family that hangs or exhausts memory costs only
     itself (reported as unbuildable after `timeout` seconds)."""
     import multiprocessing as mp
@@ -328,23 +328,26 @@ def sweep(model_types: list[str], timeout: float = 120.0, jobs: int = 1, log=Non
     return [results[t] for t in model_types]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="longspec families", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_types", nargs="*", help="model types to check (default: every causal LM type)")
-    parser.add_argument("--output", help="write the markdown table here (default: stdout)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per family (default 120)")
-    parser.add_argument("--jobs", type=int, default=1, help="families checked at once (default 1)")
-    args = parser.parse_args(argv)
-    types = args.model_types or causal_lm_types()
-    results = sweep(types, timeout=args.timeout, jobs=args.jobs, log=sys.stderr)
+def families_command(args) -> None:
+    """``longspec families``: check the model types, print or write the table; exits 1 on a mismatch or an error."""
+    results = sweep(args.model_types or causal_lm_types(), timeout=args.timeout, jobs=args.jobs, log=sys.stderr)
     table = support_table(results)
     if args.output:
         with open(args.output, "w") as f:
             f.write(table)
     else:
         print(table)
-    return int(any(r.outcome in (MISMATCH, ERROR) for r in results))
+    if any(r.outcome in (MISMATCH, ERROR) for r in results):
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from longspec_hf_cli import add_families_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m longspec_hf.families", description=__doc__.split("\n\n")[0])
+    add_families_arguments(parser)
+    families_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
