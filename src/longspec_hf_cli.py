@@ -265,6 +265,8 @@ def add_families_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per family before it counts as "
                                                                      "unbuildable")
     parser.add_argument("--jobs", type=int, default=1, help="families checked at once, one process each")
+    parser.add_argument("--summary", action="store_true",
+                        help="one row per outcome and reason (the README's table) instead of one per family")
 
 
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)

@@ -11,6 +11,31 @@ BINDING_ATTRIBUTES = ("vocab_size", "hidden_size", "num_attention_heads", "num_k
 WINDOW_RULES = ("sink_window", "official")
 
 
+class last_layer_view:  # noqa: N801 - reads like the config it wraps
+    """A target text config read as its last layer sees it: per-layer attributes (configs whose layers differ in
+    shape refuse global reads of them) come from the last layer's config, every other attribute from the config."""
+
+    def __init__(self, config):
+        self._config = config
+        layers = getattr(config, "per_layer_config", None) if _has_per_layer(config) else None
+        self._last = layers[-1] if layers else None
+
+    def __getattr__(self, name):
+        try:
+            return getattr(self._config, name)
+        except Exception:  # noqa: BLE001 - a per-layer attribute refusing a global read
+            if self._last is None:
+                raise
+            return getattr(self._last, name)
+
+
+def _has_per_layer(config) -> bool:
+    try:
+        return bool(getattr(config, "per_layer_config", None))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class LongSpecDraftConfig(PreTrainedConfig):
     r"""Configuration of a [`LongSpecDraftModel`].
 
@@ -82,8 +107,9 @@ class LongSpecDraftConfig(PreTrainedConfig):
 
     @classmethod
     def from_target_config(cls, target_config: PreTrainedConfig, **kwargs) -> LongSpecDraftConfig:
-        """Derive a draft config from any decoder-only target config (GQA, RoPE and rope scaling inherited)."""
-        text = target_config.get_text_config(decoder=True)
+        """Derive a draft config from any decoder-only target config (GQA, RoPE and rope scaling inherited). Where
+        layers differ in shape (per-layer configs, e.g. Gemma 4), the last layer's, whose KV the draft reads."""
+        text = last_layer_view(target_config.get_text_config(decoder=True))
         num_heads = text.num_attention_heads
         values = dict(
             vocab_size=text.vocab_size,

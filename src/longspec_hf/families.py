@@ -72,6 +72,10 @@ FEATURES = {
     "lfm2": {"full_attn_idxs": [1], "layer_types": None},
 }
 
+# Constructor-only settings (not kept as config fields): Gemma 4's wider global layers, at tiny size.
+_GEMMA4 = {"global_head_dim": 2 * HEAD_DIM, "num_kv_shared_layers": 1}
+CONSTRUCTOR_FEATURES = {t: _GEMMA4 for t in ("gemma4_text", "gemma4_unified_text")}
+
 IDENTICAL, REFUSED, UNBUILDABLE, MISMATCH, ERROR = "identical", "refused", "unbuildable", "mismatch", "error"
 SELF_DRAFT_ONLY = "identical with SelfDraft"  # the target drafting for itself is served, a LongSpec draft is not
 
@@ -174,12 +178,23 @@ def tiny_model(model_type: str, seed: int = 0):
     shrink(config)
     for name, value in FEATURES.get(model_type, {}).items():
         setattr(config, name, value)
-    # The config classes validate on init: rebuilding from the shrunk dict re-derives dependent fields.
-    config = type(config).from_dict(config.to_dict())
+    # The config classes validate on init: rebuilding from the shrunk dict re-derives dependent fields (per-layer
+    # overrides too: they name layers of the full-size model).
+    values = _without_per_layer_overrides(config.to_dict())
+    values.update(CONSTRUCTOR_FEATURES.get(model_type, {}))
+    config = type(config).from_dict(values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config = GenerationConfig(pad_token_id=0, bos_token_id=1, eos_token_id=None)
     return model
+
+
+def _without_per_layer_overrides(values: dict) -> dict:
+    values.pop("per_layer_config", None)
+    for name in SUB_CONFIGS:
+        if isinstance(values.get(name), dict):
+            _without_per_layer_overrides(values[name])
+    return values
 
 
 def prompt_ids(length: int, vocab: int, seed: int = 0) -> torch.LongTensor:
@@ -294,6 +309,32 @@ def support_table(results: list[FamilyResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reason(detail: str) -> str:
+    """A refusal's reason without the model class it names first, so that families refused alike group together."""
+    first, _, rest = detail.partition(" ")
+    if first.endswith(("'s", "CausalLM", "Model", "LMHeadModel", "Decoder")) or first[:1].isupper() and rest:
+        return rest.split("; use ")[0].split(", so ")[0].strip()
+    return detail.split("; use ")[0].strip()
+
+
+def support_summary(results: list[FamilyResult]) -> str:
+    """Markdown for the README: the counts, then one row per outcome and reason with the model types it covers."""
+    head = support_table(results).split("\n", 1)[0]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        if r.outcome in (REFUSED, SELF_DRAFT_ONLY):
+            why = reason(r.detail.removeprefix("LongSpec drafts refused: "))
+        else:
+            why = r.detail[:100]
+        groups.setdefault((r.outcome, why), []).append(r.model_type)
+    order = (IDENTICAL, SELF_DRAFT_ONLY, REFUSED, UNBUILDABLE, MISMATCH, ERROR)
+    lines = [head, "", "| outcome | model types | why |", "|---|---|---|"]
+    for (outcome, why), types in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), -len(item[1]))):
+        names = ", ".join(f"`{t}`" for t in types)
+        lines.append(f"| {outcome} ({len(types)}) | {names} | {why.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _checked_in_pool(context, model_types, timeout, jobs, results, log) -> None:
     """Check `model_types` in one pool until they are done or a worker hangs or dies (the pool is then dropped)."""
     import multiprocessing as mp
@@ -331,7 +372,7 @@ def sweep(model_types: list[str], timeout: float = 600.0, jobs: int = 1, log=Non
 def families_command(args) -> None:
     """``longspec families``: check the model types, print or write the table; exits 1 on a mismatch or an error."""
     results = sweep(args.model_types or causal_lm_types(), timeout=args.timeout, jobs=args.jobs, log=sys.stderr)
-    table = support_table(results)
+    table = support_table(results) if not args.summary else support_summary(results)
     if args.output:
         with open(args.output, "w") as f:
             f.write(table)

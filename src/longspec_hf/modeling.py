@@ -43,7 +43,7 @@ from .checkpoints import (
     verify_weights,
     weights_digests,
 )
-from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
+from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig, last_layer_view
 from .drafting import Drafter, DraftState, target_last_layer_kv
 from .support import UnsupportedTargetError, check_supported_target, last_layer_kv_geometry
 from .tree import (
@@ -101,10 +101,15 @@ def family_rotary_function(rotary: nn.Module, rotary_kwargs: dict, head_dim: int
         params = list(inspect.signature(family).parameters.values())
     except (TypeError, ValueError):
         return apply_rope
-    required = [p for p in params[4:] if p.default is inspect.Parameter.empty
+    # (q, k, cos, sin, ...) in most families; (x, cos, sin, ...) where one tensor turns at a time (Gemma 4).
+    single = len(params) >= 3 and params[1].name == "cos"
+    arity = 3 if single else 4
+    required = [p for p in params[arity:] if p.default is inspect.Parameter.empty
                 and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    if len(params) < 4 or required:
+    if len(params) < arity or required:
         return apply_rope
+    if single:
+        family = _pair_of(family)
     weight = next(rotary.buffers(), None)
     device = weight.device if weight is not None else None
     x = torch.ones(1, 1, 2, head_dim, device=device)
@@ -113,9 +118,14 @@ def family_rotary_function(rotary: nn.Module, rotary_kwargs: dict, head_dim: int
         try:
             if candidate(x, cos, sin).shape == x.shape:
                 return candidate
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError, IndexError):
             continue
     return apply_rope
+
+
+def _pair_of(single: Callable) -> Callable:
+    """A one-tensor rotary function `(x, cos, sin)` under the two-tensor calling convention `(q, k, cos, sin)`."""
+    return lambda q, k, cos, sin: (single(q, cos, sin), single(k, cos, sin))
 
 
 def _rotate_whole(family: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -414,7 +424,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
     def _bind_new(self, target: PreTrainedModel) -> None:
         check_supported_target(target)
-        text = target.config.get_text_config(decoder=True)
+        text = last_layer_view(target.config.get_text_config(decoder=True))
         mismatches = []
         for name in BINDING_ATTRIBUTES:
             expected = getattr(self.config, name)

@@ -65,8 +65,6 @@ def unsupported_layers(config) -> str | None:
         if kind in (FULL, SLIDING, "attention"):
             continue
         return UNSUPPORTED_LAYERS.get(kind, f"layers of kind {kind!r}, which tree verification does not serve")
-    if getattr(text_config(config), "kv_sharing_modes", None) is not None:
-        return "layers that reuse other layers' KV cache, which the tree-compacting cache does not track"
     return None
 
 
