@@ -33,6 +33,8 @@ FEATURES = {
     "phi": IDENTICAL,  # partial rotary, cut off in the attention module
     "glm4": IDENTICAL,  # partial rotary with interleaved halves
     "qwen2": IDENTICAL,  # sliding layers from max_window_layers
+    "gemma4_text": IDENTICAL,  # layers of different head dims, KV shared across layers, a one-tensor rotary function
+    "beam": IDENTICAL,  # global layers without rotary (NoPE) after rotary sliding ones
     "deepseek_v3": SELF_DRAFT_ONLY,  # latent attention: a LongSpec draft cannot read its cache, SelfDraft can
     "minimax": REFUSED,  # linear-attention layers
     "nemotron": REFUSED,  # attention layers that drop the forward's keyword arguments

@@ -150,6 +150,14 @@ def rotary_call_kwargs(rotary: nn.Module, text_config) -> dict:
     return {}
 
 
+def layer_has_rotary(rotary: nn.Module, rotary_kwargs: dict) -> bool:
+    """False where the layer the draft follows has no rotary embedding (a NoPE global layer among rotary ones, as in
+    Beam): its rotary module then knows no parameters for that layer type, and the draft turns nothing either."""
+    rope_type = getattr(rotary, "rope_type", None)
+    layer_type = rotary_kwargs.get("layer_type")
+    return not (layer_type is not None and isinstance(rope_type, dict) and layer_type not in rope_type)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # window rules: what a draft query sees of the committed tokens and of its tree (LongSpecDraftConfig.window_rule)
 
@@ -266,7 +274,8 @@ class BoundTarget:
     lm_head: nn.Module
     rotary_emb: nn.Module
     rotary_kwargs: dict  # e.g. the layer type of a per-layer-type rotary (rotary_call_kwargs)
-    rotate: Callable  # (x [B, H, q, D], cos, sin) -> x rotated as the family rotates (family_rotary_function)
+    # (x [B, H, q, D], cos, sin) -> x rotated as the family rotates (family_rotary_function); None: no rotary there
+    rotate: Callable | None
 
 
 def find_rotary_embedding(target: PreTrainedModel) -> nn.Module | None:
@@ -468,7 +477,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
                 "SelfDraft.from_target(target) instead."
             )
         rotary_kwargs = rotary_call_kwargs(rotary, text)
-        rotate = family_rotary_function(rotary, rotary_kwargs, self.config.head_dim)
+        rotate = (family_rotary_function(rotary, rotary_kwargs, self.config.head_dim)
+                  if layer_has_rotary(rotary, rotary_kwargs) else None)
         self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary,
                                   rotary_kwargs=rotary_kwargs, rotate=rotate)
         mismatch = other_target_name(self.config, target.config)
@@ -491,12 +501,15 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     # the layer
 
-    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         bound = self._require_bound()
+        if bound.rotate is None:
+            return None, None
         return bound.rotary_emb(x, position_ids, **bound.rotary_kwargs)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._require_bound().rotate(x, cos, sin)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        rotate = self._require_bound().rotate
+        return x if rotate is None else rotate(x, cos, sin)
 
     def self_attention_kv(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor):
         """Self-attention KV of tokens `[B, q]` at `position_ids [B, q]`: `([B, Hkv, q, D], [B, Hkv, q, D])`.
