@@ -728,3 +728,19 @@ def test_cuda_flash_attn_package_errors_fall_through(monkeypatch):
     for backend in ("auto", "flash_attn"):
         result = prefix_attention_lse(query, key, value, None, CUDA_D ** -0.5, backend)
         assert_close_to_plain(result, query, key, value, None, torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sliding_layer_reads_only_the_keys_its_window_can_see(backend):
+    """With `tree_window_keys=M` the prefix part reads the last M committed keys only, under a mask over those alone:
+    keys before them are never touched (NaN there would poison the output), so the cost is O(window)."""
+    p, q_len, window = 200, 5, 24
+    q, k, v, mask = make_case(2, 8, 2, p, q_len, window=window, seed=21)
+    reach = window - 1
+    expected = dense_reference(q, k, v, mask)
+    k, v = k.clone(), v.clone()
+    k[:, :, : p - reach] = torch.nan
+    v[:, :, : p - reach] = torch.nan
+    short = torch.cat([mask[..., p - reach : p], mask[..., p:]], dim=-1)  # [B, 1, q, M + q]
+    out, _ = run(q, k, v, short, p, backend, sliding_window=window, tree_window_keys=reach)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
