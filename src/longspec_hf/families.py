@@ -7,6 +7,8 @@ chain and as a tree, and the target as its own draft (:class:`~longspec_hf.SelfD
 accepted, so long accepted paths and cache compaction are exercised too). Each family ends in exactly one outcome:
 
 * ``identical``: every drafted run gave plain ``generate()``'s tokens;
+* ``identical with SelfDraft``: the target drafting for itself is identical, a LongSpec draft is refused (its
+  cross-attention cannot read the target's cache, e.g. latent attention);
 * ``refused``: the engine said why before the first round (``from_target`` / the binding check);
 * ``unbuildable``: no tiny model could be built from the config class (the reason is kept);
 * ``mismatch`` / ``error``: a bug — other tokens than plain decoding, or a failure inside a round.
@@ -245,6 +247,9 @@ def check_family(model_type: str, prompt_length: int = 40, new_tokens: int = 12)
     import longspec_hf  # noqa: F401  (routes generate(assistant_model=...))
 
     from .support import check_supported_target
+
+    # Tiny tensors: intra-op threads only add overhead, which explodes when the cores are shared (--jobs).
+    torch.set_num_threads(1)
 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
