@@ -122,16 +122,21 @@ def test_sliding_window_masks_the_prefix(backend, heads, p, q_len, window):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prefix_mask_is_skipped_unless_needed(backend):
-    """Without padding and within the window the prefix part runs unmasked: a prefix mask is not even read."""
+def test_the_masks_prefix_columns_decide_what_is_masked(backend):
+    """A mask over the tree alone reads the prefix unmasked (the common case: no O(context) mask); prefix columns,
+    which the caller builds only where they hide something, are applied whatever `sliding_window` the family passes
+    (some families apply their window through the mask alone)."""
     q, k, v, mask = make_case(2, 8, 2, 30, 5, seed=3)
     noisy = mask.clone()
     noisy[..., :30] = NEG
-    expected = dense_reference(q, k, v, mask)
-    torch.testing.assert_close(run(q, k, v, noisy, 30, backend)[0], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(run(q, k, v, noisy, 30, backend, sliding_window=35)[0], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(run(q, k, v, noisy, 30, backend, sliding_window=34)[0],
-                               dense_reference(q, k, v, noisy), atol=1e-5, rtol=0)
+    noisy[..., 29] = 0.0  # one visible prefix key per row
+    torch.testing.assert_close(run(q, k, v, mask[..., 30:], 30, backend)[0], dense_reference(q, k, v, mask),
+                               atol=1e-5, rtol=0)
+    for window in (None, 34, 100):
+        torch.testing.assert_close(run(q, k, v, noisy, 30, backend, sliding_window=window)[0],
+                                   dense_reference(q, k, v, noisy), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prefix keys"):
+        run(q, k, v, noisy[..., 10:], 30, backend)
 
 
 @pytest.mark.parametrize("fill", [NEG, -torch.inf], ids=["finfo_min", "neg_inf"])

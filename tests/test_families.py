@@ -35,6 +35,8 @@ FEATURES = {
     "qwen2": IDENTICAL,  # sliding layers from max_window_layers
     "gemma4_text": IDENTICAL,  # layers of different head dims, KV shared across layers, a one-tensor rotary function
     "beam": IDENTICAL,  # global layers without rotary (NoPE) after rotary sliding ones
+    "moshi": SELF_DRAFT_ONLY,  # a window applied through the mask alone (no sliding_window argument); no rotary module
+    "gemma3n_text": IDENTICAL,  # MLP widths per layer
     "deepseek_v3": SELF_DRAFT_ONLY,  # latent attention: a LongSpec draft cannot read its cache, SelfDraft can
     "minimax": REFUSED,  # linear-attention layers
     "nemotron": REFUSED,  # attention layers that drop the forward's keyword arguments

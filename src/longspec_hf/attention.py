@@ -446,9 +446,11 @@ def hybrid_tree_attention(
         tree_prefix_len: P, the committed keys before the `q` tree keys; marks a verification forward. Without it
             this is transformers' SDPA attention (exact dense attention, dropout included).
         tree_prefix_masked: the prefix holds padding / placeholder slots, so its part of the mask must be applied.
-        sliding_window: the layer's window; when `P + q` exceeds it the prefix mask is applied too.
-        tree_window_keys: M, for sliding layers: only the last M prefix keys can be visible, and the mask covers
+        sliding_window: the layer's window (the mask applies it; SpecPV's partial reads skip sliding layers).
+        tree_window_keys: M, for sliding layers: only the last M prefix keys can be visible, and their mask covers
             just those (`[B, 1, q, M + q]`), so the layer reads O(window) keys whatever the context.
+
+    The caller gives the mask prefix columns only where they hide something (padding, placeholders, a window).
         softcap: logit soft-capping (Gemma 2), applied to both parts before their LSEs.
         s_aux: `[H]` attention-sink logits (gpt-oss), one more term of every row's softmax denominator.
         tree_attn_backend: "auto" | "flash_attn" | "sdpa_lse" | "torch", for the prefix part.
@@ -475,20 +477,20 @@ def hybrid_tree_attention(
 
     tree_mask = None if mask is None else mask[..., -q_len:]  # [B, 1, q, q]
     out, lse = torch_attention_lse(query, key[:, :, prefix_len:], value[:, :, prefix_len:], tree_mask, scale, softcap)
-    start = 0
-    if sliding_window is not None and tree_window_keys is not None:
-        # Keys before the window are invisible to every tree query: not read at all.
-        start = prefix_len - int(tree_window_keys)
-        if mask is None or mask.shape[-1] != tree_window_keys + q_len:
-            raise ValueError(f"tree_window_keys={tree_window_keys} needs a mask over {tree_window_keys + q_len} keys.")
-    # A mask over the last q keys only means the caller found nothing to hide in the prefix (no O(context) mask).
-    prefix_columns = mask is not None and mask.shape[-1] == prefix_len - start + q_len
+    # The mask's prefix columns say what the layer reads, whatever the family passes as `sliding_window` (some
+    # apply their window through the mask alone): none (every committed key visible), all P, or the last
+    # `tree_window_keys` (a sliding layer: keys before them are invisible to every tree query and never read).
+    columns = 0 if mask is None else mask.shape[-1] - q_len
+    if columns not in (0, prefix_len, tree_window_keys):
+        raise ValueError(f"A verification mask over {columns} prefix keys fits neither the {prefix_len} committed "
+                         f"keys nor tree_window_keys={tree_window_keys}.")
+    start = prefix_len - columns if columns else 0
     if prefix_len > start:
-        window_bites = sliding_window is not None and (start > 0 or prefix_len + q_len > sliding_window)
-        prefix_mask = mask[..., :-q_len] if prefix_columns and (tree_prefix_masked or window_bites) else None
+        prefix_mask = mask[..., :-q_len] if columns else None
         prefix_k, prefix_v = key[:, :, start:prefix_len], value[:, :, start:prefix_len]
         # SpecPV applies to full-attention layers only; sliding layers already read a bounded prefix.
-        partial = tree_partial if tree_partial is not None and sliding_window is None else None
+        sliding = sliding_window is not None or start > 0
+        partial = tree_partial if tree_partial is not None and not sliding else None
         if partial is not None and partial.mode == "partial":
             o1, lse1 = partial.attention(layer_index(module), query, prefix_k, prefix_v, scale, tree_attn_backend,
                                          softcap)

@@ -29,6 +29,11 @@ class last_layer_view:  # noqa: N801 - reads like the config it wraps
             return getattr(self._last, name)
 
 
+def last_of(value):
+    """A per-layer list's last entry (Gemma 3n lists its MLP widths per layer), or the value itself."""
+    return value[-1] if isinstance(value, list | tuple) and value else value
+
+
 def _has_per_layer(config) -> bool:
     try:
         return bool(getattr(config, "per_layer_config", None))
@@ -114,7 +119,7 @@ class LongSpecDraftConfig(PreTrainedConfig):
         values = dict(
             vocab_size=text.vocab_size,
             hidden_size=text.hidden_size,
-            intermediate_size=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+            intermediate_size=last_of(getattr(text, "intermediate_size", None)) or 4 * text.hidden_size,
             num_attention_heads=num_heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // num_heads,

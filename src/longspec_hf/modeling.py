@@ -458,8 +458,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
             )
         rotary = find_rotary_embedding(target)
         embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-        missing = [part for part, found in (("a rotary embedding (RoPE)", rotary), ("input embeddings", embed),
-                                            ("an LM head", head)) if found is None]
+        missing = [part for part, found in (("rotary embedding (RoPE)", rotary), ("input embeddings", embed),
+                                            ("LM head", head)) if found is None]
         if missing:
             raise UnsupportedTargetError(
                 f"{type(target).__name__} has no {' or '.join(missing)} where a LongSpec draft expects them (it shares "

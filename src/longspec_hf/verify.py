@@ -118,7 +118,7 @@ def window_keys(state: TargetState, tree_size: int, window: int | None, refeed=N
     None as well where the window cannot bite yet (`S + T <= window`: every slot visible to every node).
     """
     slots = state.slot_positions.shape[1]
-    if window is None or state.valid is not None or refeed is not None or slots + tree_size <= window:
+    if window is None or window <= 1 or state.valid is not None or refeed is not None or slots + tree_size <= window:
         return None
     return min(slots, max(window - 1, 0))
 
