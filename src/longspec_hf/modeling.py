@@ -40,7 +40,7 @@ from .checkpoints import (
     verify_weights,
     weights_digests,
 )
-from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig
+from .configuration import BINDING_ATTRIBUTES, SPECIAL_TOKENS, LongSpecDraftConfig
 from .drafting import Drafter, DraftState, target_last_layer_kv
 from .tree import (
     AUTO,
@@ -379,6 +379,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
                 "expects them; use a causal LM with RoPE (e.g. Llama, Qwen2, Qwen3, Mistral, Gemma)."
             )
         self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary)
+        for name in SPECIAL_TOKENS:  # the target's token ids are the draft's (saved with it, read by pipelines)
+            setattr(self.config, name, getattr(text, name, None))
         mismatch = other_target_name(self.config, target.config)
         if mismatch:
             warnings.warn(mismatch, UserWarning, stacklevel=3)
