@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache
 from .cache import SinkWindowCache, sink_window_slots
 from .checkpoints import (
     CONFIG_NAME,
+    check_source,
     convert_official_checkpoint,
     hub_kwargs,
     is_official_config,
@@ -274,6 +275,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         """
         source = pretrained_model_name_or_path
         hub = hub_kwargs(kwargs)
+        check_source(source, **hub)
         config_path = None if "config" in kwargs else resolve(source, CONFIG_NAME, required=False, **hub)
         if config_path is not None:
             config = read_json(config_path)
