@@ -280,6 +280,8 @@ def speculative_generate(
     # Under compiled rounds the verification forward runs through torch.compile (the prefill stays eager).
     verify = verify_tree if compile_config is None else functools.partial(
         verify_tree, forward=compiled_call(target, compile_config))
+    if compile_config is None and specpv is None:
+        verify = root_only_as_plain_step(verify)
     select = token_selector(generation_config)
     # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
     vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
@@ -437,6 +439,21 @@ def speculative_generate(
             cache.crop(-overshoot)
         past = cache.write_to(user_cache if is_plain_dynamic(user_cache) else DynamicCache())
     return decoder_output(output, past)
+
+
+def root_only_as_plain_step(verify: Callable) -> Callable:
+    """`verify`, except that a round whose tree is the root alone (what "auto" chooses when drafting would not pay)
+    runs as the plain decode step it is: the target's own attention over its cache, as plain generate() runs it, so
+    such a round costs what a plain step costs. Padded rows keep the tree path, whose mask skips their holes."""
+
+    def run(target: PreTrainedModel, state: TargetState, tree, attn_backend: str = "auto"):
+        if len(tree) > 1 or state.valid is not None:
+            return verify(target, state, tree, attn_backend)
+        out = target(input_ids=tree.tokens, position_ids=state.next_positions[:, None], use_cache=True,
+                     logits_to_keep=1, **{cache_kwarg(target): state.cache})
+        return out.logits.float()  # [B, 1, V]
+
+    return run
 
 
 def is_plain_dynamic(cache) -> bool:
