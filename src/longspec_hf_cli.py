@@ -71,20 +71,23 @@ def parse_bench_tree(spec: str) -> tuple[str, list[int] | str]:
 
 
 def parse_tree(spec: str) -> tuple[str, list[int]]:
-    """`NAME=4,16,16` -> ("NAME", [4, 16, 16])."""
+    """`NAME=4,16,16` -> ("NAME", [4, 16, 16]); `NAME=none` -> ("NAME", []): rounds without a tree, each a plain
+    decode step through the speculative loop (what "auto" runs when drafting does not pay)."""
     name, _, shape = spec.partition("=")
+    if name and shape.strip().lower() == "none":
+        return name, []
     try:
         widths = [int(w) for w in shape.split(",")] if shape else []
     except ValueError:
         widths = []
     if not name or not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"a tree is NAME=W1,W2,... with positive widths (e.g. chain=1,1,1), "
-                                         f"got {spec!r}")
+        raise argparse.ArgumentTypeError(f"a tree is NAME=W1,W2,... with positive widths (e.g. chain=1,1,1), or "
+                                         f"NAME=none for rounds without one, got {spec!r}")
     return name, widths
 
 
 def tree_text(trees: dict[str, list[int]]) -> str:
-    return " ".join(f"{name}={','.join(map(str, shape))}" for name, shape in trees.items())
+    return " ".join(f"{name}={','.join(map(str, shape)) or 'none'}" for name, shape in trees.items())
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, random_targets: bool, dtype_default: str) -> None:
@@ -154,7 +157,8 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context lengths (tokens in the target's KV cache) to measure at")
     parser.add_argument("--trees", type=parse_tree, nargs="+", default=list(DEFAULT_TREES.items()),
                         metavar="NAME=W1,W2,...",
-                        help=f"tree shapes to time a speculative round for (default: {tree_text(DEFAULT_TREES)})")
+                        help=f"tree shapes to time a speculative round for, NAME=none for a round without a tree "
+                             f"(a plain step through the loop) (default: {tree_text(DEFAULT_TREES)})")
     parser.add_argument("--self-draft", action="store_true",
                         help="also time rounds of the training-free SelfDraft (the target's own layers drafting)")
     parser.add_argument("--self-draft-window", type=int, default=512, help="recent-token window of SelfDraft")

@@ -184,7 +184,7 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
     rounds (``compile_config=CompileConfig()``). With none of them the method is the drafter's own defaults."""
     config = draft.generation_config
     changes = {}
-    if tree_shape:
+    if tree_shape is not None:  # [] is a shape too: rounds without a tree
         setting = tree_setting(tree_shape)
         changes["tree_shape"] = setting if setting == AUTO else list(setting)
     if lookup is not None:

@@ -50,8 +50,8 @@ def method_text(method: dict) -> str:
     """`tree auto, 6-token lookup branch (the draft's defaults)` or `tree [1, 1, 1] (changed), ...`."""
     changed = set(method["changed"])
     shape = method["tree_shape"]
-    parts = [f"tree {shape if isinstance(shape, str) else list(shape)}" + (" (changed)" if "tree_shape" in changed
-                                                                           else "")]
+    shape = shape if isinstance(shape, str) else list(shape) or "none"
+    parts = [f"tree {shape}" + (" (changed)" if "tree_shape" in changed else "")]
     branch = method.get("prompt_lookup_num_tokens", 0)
     lookup = f"{branch}-token lookup branch" if branch else "no lookup branch"
     parts.append(lookup + (" (changed)" if "prompt_lookup_num_tokens" in changed else ""))
