@@ -71,20 +71,23 @@ def parse_bench_tree(spec: str) -> tuple[str, list[int] | str]:
 
 
 def parse_tree(spec: str) -> tuple[str, list[int]]:
-    """`NAME=4,16,16` -> ("NAME", [4, 16, 16])."""
+    """`NAME=4,16,16` -> ("NAME", [4, 16, 16]); `NAME=none` -> ("NAME", []): rounds without a tree, each a plain
+    decode step through the speculative loop (what "auto" runs when drafting does not pay)."""
     name, _, shape = spec.partition("=")
+    if name and shape.strip().lower() == "none":
+        return name, []
     try:
         widths = [int(w) for w in shape.split(",")] if shape else []
     except ValueError:
         widths = []
     if not name or not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"a tree is NAME=W1,W2,... with positive widths (e.g. chain=1,1,1), "
-                                         f"got {spec!r}")
+        raise argparse.ArgumentTypeError(f"a tree is NAME=W1,W2,... with positive widths (e.g. chain=1,1,1), or "
+                                         f"NAME=none for rounds without one, got {spec!r}")
     return name, widths
 
 
 def tree_text(trees: dict[str, list[int]]) -> str:
-    return " ".join(f"{name}={','.join(map(str, shape))}" for name, shape in trees.items())
+    return " ".join(f"{name}={','.join(map(str, shape)) or 'none'}" for name, shape in trees.items())
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, random_targets: bool, dtype_default: str) -> None:
@@ -104,7 +107,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_targets: bool, d
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, random_targets=False, dtype_default="fp32")
     parser.add_argument("--draft", default=None,
-                        help="LongSpec draft, folder or id (default: none, and the LongSpec methods are skipped)")
+                        help="LongSpec draft, folder or id (default: none, and the LongSpec methods are skipped); "
+                             "method 'longspec' runs it with its own generation_config (for the shipped SmolLM2 "
+                             "draft: tree_shape auto and a 6-token lookup branch)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                         help="prompt lengths in tokens")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
@@ -116,7 +121,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LongBench folder of <task>.jsonl files, or a dataset id (default: THUDM/LongBench)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (default: all)")
     parser.add_argument("--tree", type=parse_bench_tree, action="append", default=None, metavar="NAME=W1,W2,...",
-                        help="a LongSpec method per tree shape, or NAME=auto (repeatable; default longspec_auto=auto, "
+                        help="a LongSpec method per tree shape, or NAME=auto, each keeping the draft's other "
+                             "settings, next to 'longspec' (the draft's own) (repeatable; default "
                              "longspec_chain=1,1,1 and longspec_tree=4,16,16,16,16)")
     parser.add_argument("--self-draft-tree", default="auto",
                         help="tree of the training-free self-speculative draft (W1,W2,... or auto), or 'none' to "
@@ -131,8 +137,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
                         help="tokens drafted per step by transformers' prompt lookup")
     parser.add_argument("--lookup-branch", type=int, nargs="+", default=[], metavar="L",
-                        help="also run every LongSpec tree with a prompt-lookup branch of L tokens grafted on "
-                             "(prompt_lookup_num_tokens=L; methods named <tree>_pl<L>)")
+                        help="also run every LongSpec method with a prompt-lookup branch of L tokens instead of "
+                             "the draft's own setting (prompt_lookup_num_tokens=L; methods named <name>_pl<L>, "
+                             "or <name>_nolookup for 0)")
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                         help="add plain generate() with a static cache and torch.compile (transformers' compiled "
                              "decoding), next to eager plain generate() (default: on for CUDA, off for CPU, where "
@@ -150,7 +157,8 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context lengths (tokens in the target's KV cache) to measure at")
     parser.add_argument("--trees", type=parse_tree, nargs="+", default=list(DEFAULT_TREES.items()),
                         metavar="NAME=W1,W2,...",
-                        help=f"tree shapes to time a speculative round for (default: {tree_text(DEFAULT_TREES)})")
+                        help=f"tree shapes to time a speculative round for, NAME=none for a round without a tree "
+                             f"(a plain step through the loop) (default: {tree_text(DEFAULT_TREES)})")
     parser.add_argument("--self-draft", action="store_true",
                         help="also time rounds of the training-free SelfDraft (the target's own layers drafting)")
     parser.add_argument("--self-draft-window", type=int, default=512, help="recent-token window of SelfDraft")

@@ -70,6 +70,45 @@ def test_a_confidently_wrong_draft_is_learnt_and_not_paid_for_where_every_node_c
     assert corrupt.stats.predicted_accepted < 10
 
 
+NEVER_PAYS = dict(verify=lambda n: 1.0 + 5.0 * (n - 1), draft=lambda m: 2.0)  # a node or a draft forward: dear
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_round_without_a_tree_is_a_plain_decode_step(family, device_costs, monkeypatch):
+    """Where drafting does not pay, "auto" takes plain steps: the target's own attention over one token, as plain
+    generate() runs it (never the tree attention), and ever fewer draft forwards to keep learning."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longspec_hf import HYBRID_ATTENTION_NAME
+
+    device_costs(**NEVER_PAYS)
+    target = tiny_target(family)
+    ids = random_prompt(60, seed=3)  # longer than Mistral's window: its own sliding-window mask in every step
+    expected = plain_greedy(target, ids, max_new_tokens=60)
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=16)
+    draft.load_state_dict(draft.state_dict())  # "given weights": no untrained-draft warning
+    queries = {"sdpa": [], HYBRID_ATTENTION_NAME: []}
+    for name in queries:
+        original = ALL_ATTENTION_FUNCTIONS[name]
+
+        def spy(module, query, *args, _name=name, _original=original, **kwargs):
+            queries[_name].append(query.shape[2])
+            return _original(module, query, *args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, name, spy)
+    draft_forwards = []
+    hook = draft.register_forward_hook(lambda *args: draft_forwards.append(1))
+    out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=60)
+    hook.remove()
+    assert torch.equal(out, expected)
+    rounds, layers = draft.stats.rounds, target.config.num_hidden_layers
+    assert draft.stats.tree_shapes == {"none": rounds} and rounds == 59
+    assert queries[HYBRID_ATTENTION_NAME] == []
+    assert queries["sdpa"] == [60] * layers + [1] * (rounds * layers)  # the prefill, then one token per round
+    # One level drafted after 4, 8, 16 rounds without a tree (rounds 4, 12 and 28), not every 4th round.
+    assert len(draft_forwards) == 3
+
+
 def test_auto_with_batches_left_padding_and_a_finished_row(device_costs):
     device_costs(**GPU_LIKE)
     target = tiny_target("qwen2")

@@ -28,7 +28,7 @@ from longspec_hf.bench.runner import warm_up
 from longspec_hf.bench.workloads import middle_truncate
 from longspec_hf.cli import main as cli
 
-TREES = {"longspec_chain": [1, 1], "longspec_tree": [2, 2], "longspec_auto": "auto"}
+TREES = {"longspec_chain": [1, 1], "longspec_tree": [2, 2]}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def draft():
     torch.manual_seed(0)
-    return LongSpecDraftModel.from_target(tiny_target("llama"), sink_size=4, window_size=16)
+    draft = LongSpecDraftModel.from_target(tiny_target("llama"), sink_size=4, window_size=16)
+    draft.generation_config.prompt_lookup_num_tokens = 3  # a default of its own, as the shipped draft has
+    return draft
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,9 @@ def result(corpus, draft):
 def test_schema_and_environment(result):
     assert result["schema"] == SCHEMA
     assert {"torch", "transformers", "device", "dtype", "threads", "longspec_hf"} <= set(result["environment"])
-    assert [m["name"] for m in result["methods"]] == ["autoregressive", "prompt_lookup", "early_exit",
-                                                     "longspec_chain", "longspec_tree", "longspec_auto",
-                                                     "self_draft", "longspec_chain_pv16"]
+    assert [m["name"] for m in result["methods"]] == ["autoregressive", "prompt_lookup", "early_exit", "longspec",
+                                                     "longspec_chain", "longspec_tree", "self_draft",
+                                                     "longspec_pv16"]
     assert result["skipped"] == []
     assert len(result["runs"]) == 2 * 2 * 2 * 8  # workloads x contexts x prompts x methods
     row_keys = {"workload", "context", "method", "tau", "tokens_per_second", "speedup_decode", "speedup_end_to_end",
@@ -74,12 +76,12 @@ def test_schema_and_environment(result):
 
 
 def test_auto_reports_its_trees_and_its_calibration(result):
-    rows = [row for row in result["summary"] if row["method"] == "longspec_auto"]
+    rows = [row for row in result["summary"] if row["method"] == "longspec"]
     assert len(rows) == 4 and all(row["identical"] for row in rows)
     for row in rows:
         assert sum(row["tree_shapes"].values()) > 0
         assert row["predicted_accepted"] >= 0 and row["accepted_tokens"] >= 0
-    assert [m for m in result["methods"] if m["name"] == "longspec_auto"][0]["tree_shape"] == "auto"
+    assert [m for m in result["methods"] if m["name"] == "longspec"][0]["tree_shape"] == "auto"
     assert "Trees chosen by" in markdown_table(result)
 
 
@@ -107,6 +109,32 @@ def test_draft_cache_is_constant_while_the_target_cache_grows(result):
     assert rows["code", 96, "prompt_lookup"]["draft_cache_bytes"] == 0
 
 
+def test_the_default_method_is_the_draft_as_it_comes_and_variants_say_what_they_change(result):
+    methods = {m["name"]: m for m in result["methods"]}
+    assert methods["longspec"]["changed"] == [] and methods["longspec"]["prompt_lookup_num_tokens"] == 3
+    assert methods["longspec_chain"]["changed"] == ["tree_shape"]
+    assert methods["longspec_chain"]["prompt_lookup_num_tokens"] == 3  # the draft's other settings are kept
+    assert methods["longspec_pv16"]["changed"] == ["specpv"]
+    table = markdown_table(result)
+    assert "- longspec: tree auto, 3-token lookup branch: the draft's own defaults" in table
+    assert "- longspec_chain: tree [1, 1] (changed), 3-token lookup branch" in table
+
+
+def test_lookup_variants_change_only_the_branch(corpus, draft):
+    from longspec_hf.bench.methods import longspec
+
+    target = tiny_target("llama")
+    tokens = word_tokenizer()(corpus.read_text(), return_tensors="pt").input_ids[:, :80]
+    names = [m.name for m in default_methods(target, draft, TREES, lookup_branches=[0, 5], self_draft_tree=None)]
+    assert {"longspec_nolookup", "longspec_pl5", "longspec_chain_nolookup", "longspec_chain_pl5"} <= set(names)
+    defaults, off = longspec(draft), longspec(draft, name="longspec_nolookup", lookup=0)
+    defaults.generate(target, tokens, None, 12)
+    assert draft.stats.lookup_rounds > 0  # the draft's own 3-token branch ran
+    off.generate(target, tokens, None, 12)
+    assert draft.stats.lookup_rounds == 0
+    assert draft.generation_config.prompt_lookup_num_tokens == 3  # restored after the variant's call
+
+
 def test_a_broken_method_is_caught(corpus):
     target = tiny_target("llama")
 
@@ -131,7 +159,7 @@ def test_unavailable_methods_are_skipped_with_a_reason(corpus):
     result = run_bench(target, word_tokenizer(), methods, [Workload("code", str(corpus), "completion")],
                        BenchSettings([32], 4, 1, warmup=False), progress=False)
     reasons = {s["method"]: s["reason"] for s in result["skipped"]}
-    assert set(reasons) == {"early_exit", "longspec_auto", "longspec_chain", "longspec_tree"}
+    assert set(reasons) == {"early_exit", "longspec", "longspec_chain", "longspec_tree"}
     assert "--draft" in reasons["longspec_tree"] and "2-layer" in reasons["early_exit"]
     assert "Skipped longspec_chain" in markdown_table(result)
 
@@ -142,6 +170,15 @@ def test_outputs_json_markdown_and_plots(result, tmp_path):
     assert "| code | 96 | longspec_tree |" in paths["markdown"].read_text()
     for name in ("speedup", "draft_cache"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_identical_draft_cache_curves_are_drawn_once(result):
+    from longspec_hf.bench.report import draft_cache_curves
+
+    methods = list(dict.fromkeys(r["method"] for r in result["summary"]))
+    labels = [label for label, _ in draft_cache_curves(result["summary"], methods)]
+    assert "longspec, longspec_chain, longspec_tree and 1 more (same)" in labels  # the pv16 variant too
+    assert len(labels) == len(set(labels)) and not any(label == "longspec_chain" for label in labels)
 
 
 def test_cli_end_to_end(corpus, draft, tmp_path):

@@ -39,11 +39,12 @@ COMPILED = CompileConfig(backend=counting_inductor)
 
 
 @pytest.fixture(autouse=True)
-def room_for_graphs(monkeypatch):
+def room_for_graphs():
     # Every family's forward goes through the same transformers wrapper functions, and torch caps the graphs kept per
-    # function (8 by default): in one test process the families together need more.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 4096)
+    # function (8 by default): in one test process the families together need more. torch's own patch, not pytest's
+    # monkeypatch: its config module serves settings through __getattr__, and monkeypatch's undo deletes them.
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        yield
 
 
 def graph_runs(generate) -> int:

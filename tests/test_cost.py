@@ -166,6 +166,22 @@ def test_cost_command_end_to_end_on_a_random_target(tmp_path):
     assert (tmp_path / "out" / "cost.png").exists()
 
 
+def test_a_round_without_a_tree_is_timed_next_to_the_plain_step(tmp_path):
+    """`--trees none=none`: rounds that draft nothing, the plain decode steps "auto" takes where drafting does not
+    pay; their break-even tau is their cost over a plain generate() step."""
+    from longspec_hf_cli import parse_tree
+
+    assert parse_tree("none=none") == ("none", []) and parse_tree("x=None") == ("x", [])
+    cli(["cost", "--target", f"random:{tiny_config(tmp_path)}", "--device", "cpu", "--contexts", "24",
+         "--trees", "none=none", "c=1", "--rounds", "2", "--repeats", "1", "--kernel-queries", "--output-dir",
+         str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {row["tree"]: row for row in result["rounds"] if row["drafter"] == "longspec"}
+    assert rows["none"]["tree_shape"] == [] and rows["none"]["nodes"] == 1
+    assert rows["none"]["tau"] == 1.0  # nothing drafted, nothing accepted: one token per round
+    assert "none" in (tmp_path / "out" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["cost", "bench"])
 def test_cuda_without_cuda_is_one_line_naming_the_fix(monkeypatch, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

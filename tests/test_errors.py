@@ -100,13 +100,6 @@ def test_fully_padded_row_is_refused(target, draft):
     assert "at least one token" in one_line(err)
 
 
-def test_prompt_longer_than_the_target_is_refused(target, draft):
-    too_long = random_prompt(target.config.max_position_embeddings + 1)
-    with pytest.raises(ValueError) as err:
-        target.generate(too_long, assistant_model=draft, max_new_tokens=1)
-    assert "truncate" in one_line(err)
-
-
 def test_output_scores_is_refused(target, draft):
     with pytest.raises(NotImplementedError) as err:
         target.generate(random_prompt(8), assistant_model=draft, max_new_tokens=2, output_scores=True,
@@ -334,11 +327,11 @@ def test_an_interrupted_generate_leaves_attention_and_prompt_cache_as_they_were(
     draft.generation_config.tree_shape = [2, 2]
     implementation = target.config._attn_implementation
     with pytest.raises(KeyboardInterrupt):
-        target.generate(ids, assistant_model=draft, max_new_tokens=20, past_key_values=cache,
+        target.generate(ids, assistant_model=draft, max_new_tokens=20, cache=cache,
                         stopping_criteria=StoppingCriteriaList([Interrupt()]))
     assert target.config._attn_implementation == implementation
     assert cache.get_seq_length() == 20 and torch.equal(cache.layers[0].keys, keys)
-    out = target.generate(ids, assistant_model=draft, max_new_tokens=6, past_key_values=cache)
+    out = target.generate(ids, assistant_model=draft, max_new_tokens=6, cache=cache)
     assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=6))
 
 
@@ -416,3 +409,76 @@ def test_cli_hub_failure_is_one_line(tmp_path, monkeypatch):
         main(["train", "--target", "toy:llama", "--data", "myorg/mydata", "--output-dir", str(tmp_path / "out")])
     message = str(exit_info.value)
     assert message.startswith("longspec train: myorg/mydata ") and "./myorg/mydata" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a mistyped path fails at once, without asking the Hub
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any Hub lookup fails the test: these errors must come before one."""
+    import longspec_hf.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "cached_file", lambda *a, **k: pytest.fail(f"asked the Hub for {a[0]}"))
+
+
+@pytest.mark.parametrize("path", ["drafts/does-not-exist", "./drafts/nope", "drafts/a/b", "/no/such/draft"])
+def test_a_missing_local_draft_folder_is_one_line_naming_it(path, tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "drafts").mkdir()  # as in a clone: `drafts/x` is a path into it, not the Hub repo `drafts/x`
+    with pytest.raises(FileNotFoundError) as err:
+        LongSpecDraftModel.from_pretrained(path)
+    message = one_line(err)
+    assert message.startswith(f"No such folder: {path} ") and "check the path" in message
+
+
+def test_a_path_object_is_never_a_repo_id(tmp_path, no_hub):
+    with pytest.raises(FileNotFoundError, match="No such folder"):
+        LongSpecDraftModel.from_pretrained(tmp_path / "missing")
+
+
+def test_an_uncached_repo_id_offline_fails_at_once(tmp_path, no_hub):
+    with pytest.raises(FileNotFoundError) as err:
+        LongSpecDraftModel.from_pretrained("org/draft", local_files_only=True, cache_dir=tmp_path)
+    message = one_line(err)
+    assert "org/draft is neither a local folder nor in the Hugging Face cache" in message
+
+
+def test_offline_mode_fails_at_once_for_a_draft(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    script = ("import time\nfrom longspec_hf import LongSpecDraftModel\nstart = time.perf_counter()\n"
+              "try:\n    LongSpecDraftModel.from_pretrained('org/draft')\nexcept FileNotFoundError as err:\n"
+              "    print(err)\nprint(time.perf_counter() - start)\n")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.splitlines()
+    assert "offline mode is on" in out[0] and float(out[1]) < 5, out
+    assert time.perf_counter() - start < 120
+
+
+def test_cli_with_a_mistyped_draft_path_is_one_line(tmp_path, monkeypatch, no_hub):
+    from longspec_hf_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "drafts").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--target", "toy:llama", "--draft", "drafts/nope", "--output-dir", str(tmp_path / "out")])
+    message = str(exit_info.value)
+    assert message.startswith("longspec bench: No such folder: drafts/nope ") and "\n" not in message
+
+
+def test_a_missing_local_target_folder_is_one_line(tmp_path, monkeypatch):
+    from longspec_hf.loading import load_causal_lm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        load_causal_lm("models/my-modle")
+    assert one_line(err).startswith("No such folder: models/my-modle ")

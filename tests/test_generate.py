@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 from conftest import FAMILIES, OracleDrafter, plain_greedy, random_prompt, tiny_target
 from transformers import DynamicCache
+from transformers.generation.stopping_criteria import logger as stopping_logger
+from transformers.utils import logging as hf_logging
 
-from longspec_hf import LongSpecDraftModel
+from longspec_hf import LongSpecDraftModel, SelfDraft
 
 TREES = {"chain": [1, 1, 1, 1], "beam": [4, 16, 16, 16, 16], "narrow": [2, 3, 2]}
 
@@ -147,8 +152,10 @@ def test_only_verification_uses_the_hybrid_attention(monkeypatch):
 
 
 @pytest.mark.parametrize("cached", [1, 69])
-def test_prompt_cache_is_continued_losslessly(family, cached):
-    """A prompt cache prefilled once (as `longspec bench` does) is continued without re-reading the prefix."""
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_prompt_cache_is_continued_losslessly(family, cached, name):
+    """A prompt cache prefilled once (as `longspec bench` does) is continued without re-reading the prefix, under
+    transformers' current argument name and its deprecated one."""
     target = tiny_target(family)
     ids = random_prompt(70, seed=5)
     expected = plain_greedy(target, ids, max_new_tokens=20)
@@ -158,7 +165,9 @@ def test_prompt_cache_is_continued_losslessly(family, cached):
     reads = []
     hook = target.get_input_embeddings().register_forward_hook(lambda m, a, o: reads.append(a[0].shape[1]))
     oracle = OracleDrafter(target, expected, [1, 1, 1], corrupt_every=4)
-    out = target.generate(ids, assistant_model=oracle, max_new_tokens=20, past_key_values=cache)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+        out = target.generate(ids, assistant_model=oracle, max_new_tokens=20, **{name: cache})
     hook.remove()
     assert torch.equal(out, expected)
     assert reads[0] == 70 - cached  # the prefill reads only the tokens the cache lacks
@@ -172,9 +181,43 @@ def test_prompt_cache_errors_name_the_fix():
     with torch.no_grad():
         target(ids, past_key_values=full, use_cache=True)
     with pytest.raises(ValueError, match="at least its last token"):
-        target.generate(ids, assistant_model=draft, max_new_tokens=4, past_key_values=full)
+        target.generate(ids, assistant_model=draft, max_new_tokens=4, cache=full)
     wide = DynamicCache()
     with torch.no_grad():
         target(ids[:, :6].expand(2, 6), past_key_values=wide, use_cache=True)
     with pytest.raises(ValueError, match="batch size"):
-        target.generate(ids, assistant_model=draft, max_new_tokens=4, past_key_values=wide)
+        target.generate(ids, assistant_model=draft, max_new_tokens=4, cache=wide)
+
+
+PAST_POSITIONS = "exceeded the model's predefined maximum length"
+
+
+@pytest.mark.parametrize("kind", ["auto", "chain", "lookup", "self_draft", "processors"])
+def test_prompts_beyond_the_target_positions_run_as_in_plain_generate(kind, caplog):
+    """What plain generate() accepts, the draft accepts: a prompt longer than max_position_embeddings (1024 here) is
+    decoded, with transformers' own warning, to the same tokens."""
+    target = tiny_target("qwen2")
+    ids = random_prompt(1100, seed=8)
+    ids[0, -40:] = ids[0, 300:340]  # a repeat, so the lookup branch has matches
+    settings = dict(max_new_tokens=16, do_sample=False)
+    if kind == "processors":  # acceptance walked row by row through the logits processors
+        settings["repetition_penalty"] = 1.3
+    expected = plain_greedy(target, ids, **{k: v for k, v in settings.items() if k != "do_sample"})
+    if kind == "self_draft":
+        draft = SelfDraft.from_target(target, sink_size=2, window_size=32)
+    else:
+        draft = make_draft(target, [1, 1, 1])
+        if kind == "auto":
+            draft.generation_config.tree_shape = "auto"
+        if kind == "lookup":
+            draft.generation_config.prompt_lookup_num_tokens = 6
+    hf_logging.enable_propagation()
+    try:
+        stopping_logger.warning_once.cache_clear()  # earlier tests may have logged it already
+        with caplog.at_level(logging.WARNING):
+            out = target.generate(ids, assistant_model=draft, **settings)
+    finally:
+        hf_logging.disable_propagation()
+    assert torch.equal(out, expected)
+    assert PAST_POSITIONS in caplog.text
+    assert draft.stats.rounds >= 1

@@ -109,8 +109,27 @@ def test_truncated_weights_are_refused(tmp_path):
     trained_like_draft("llama").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(CorruptCheckpointError, match="force_download=True"):
+    with pytest.raises(CorruptCheckpointError, match="re-save it with save_pretrained") as err:
         LongSpecDraftModel.from_pretrained(tmp_path)
+    assert "force_download" not in str(err.value)  # a local folder has nothing to download again
+
+
+def test_a_corrupted_hub_download_names_force_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--tiny-draft"
+    trained_like_draft("llama").save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    weights = repo / "snapshots" / commit / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CorruptCheckpointError, match="force_download=True"):
+        LongSpecDraftModel.from_pretrained("org/tiny-draft", cache_dir=tmp_path / "hub")
 
 
 def test_flipped_bytes_are_refused_by_the_recorded_digest(tmp_path):
@@ -254,7 +273,7 @@ def test_a_truncated_pytorch_checkpoint_is_refused(tmp_path):
     write_official_checkpoint(tmp_path, trained_like_draft("llama"), "llama", weights_file="pytorch_model.bin")
     weights = tmp_path / "pytorch_model.bin"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(CorruptCheckpointError, match="force_download=True"):
+    with pytest.raises(CorruptCheckpointError, match="truncated or corrupted"):
         LongSpecDraftModel.from_pretrained(tmp_path)
 
 

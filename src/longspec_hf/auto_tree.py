@@ -16,7 +16,8 @@ rate `E / C(T)`. After a draft forward the candidates for the next level are kno
 :func:`~longspec_hf.tree.top_children`): keep the `k` of them that maximise the rate, either stopping there or
 continuing with a short lookahead (the next levels predicted from the rank acceptance rates). Before a draft
 forward, run it only if the lookahead says it pays. The tree may end at the root: a plain decode step, when the
-draft would not pay for itself (every few such rounds one level is drafted anyway, to keep learning).
+draft would not pay for itself (after a few such rounds one level is drafted anyway, to keep learning, at intervals
+that double while it keeps not paying).
 
 Any tree is verified exactly, so the output does not depend on these decisions (or on the timing noise behind them).
 """
@@ -42,7 +43,10 @@ HORIZON = 4  # levels the lookahead predicts beyond the decision (a chain's firs
 # (or no tree) is then chosen: worth it when the prediction from past rounds says drafting nearly pays.
 PEEK = 0.95
 REFIT_EVERY = 8  # rounds between refits of the cost curves (a fit reads every stored sample: not per round)
-EXPLORE_EVERY = 4  # rounds without drafting after which one level is drafted anyway
+# Rounds without drafting after which one level is drafted anyway, to keep learning. Each such round that ends
+# without a tree doubles the wait (up to EXPLORE_MAX), so a draft that does not pay costs ever fewer draft forwards:
+# a round without a tree is then a plain decode step; a round that keeps a tree resets it.
+EXPLORE_EVERY, EXPLORE_MAX = 4, 64
 FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
 # A prompt-lookup branch's accepted tokens beyond the draft's, per row and round: an optimistic prior (it is tried
 # early) worth one round, then a running mean over the last LOOKUP_MEMORY rounds that used it.
@@ -151,6 +155,7 @@ class AutoTree:
         self.widths = [w for w in WIDTHS if w <= self.max_width]
         self.forced: tuple[int, ...] | None = None
         self.rounds_without_draft = 0
+        self.explore_every, self._exploring = EXPLORE_EVERY, False
         self._round_start: float | None = None
         self._previous: tuple[int, int, int, float, float] | None = None  # rows, context, nodes, draft s, verify s
         self._fit: tuple[int, int] | None = None  # (rows, context) the curves were fitted at
@@ -220,6 +225,7 @@ class AutoTree:
             self.rest_curve = self.cost.curve("rest", rows, context)
             self._fit, self._rounds_since_fit = (rows, context), 0
         self._lookup_offered = lookup_nodes > 0
+        self._exploring = False
         self.lookup = self._lookup_offered and self.lookup_pays(lookup_nodes)
         self.expected = float(rows)  # every row emits its bonus token
         self.nodes, self.draft_seconds = 1 + (lookup_nodes if self.lookup else 0), 0.0  # nodes to verify
@@ -276,8 +282,8 @@ class AutoTree:
             stop = self.expected / self.seconds(self.draft_seconds, self.nodes)
             margin = PEEK if depth == 0 else 1.0
             go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > margin * stop
-            if not go and depth == 0 and self.rounds_without_draft + 1 >= EXPLORE_EVERY:
-                go = True  # keep the acceptance model learning while the draft does not pay
+            if not go and depth == 0 and self.rounds_without_draft + 1 >= self.explore_every:
+                go = self._exploring = True  # keep the acceptance model learning while the draft does not pay
         now = time.perf_counter()
         if go:
             self._step_start = now
@@ -341,6 +347,10 @@ class AutoTree:
         self.cost.add("verify", self.rows, self.context, len(tree), verify_seconds)
         self._previous = (self.rows, self.context, len(tree), self.draft_seconds, verify_seconds)
         self.rounds_without_draft = 0 if self.levels else self.rounds_without_draft + 1
+        if self.shape:
+            self.explore_every = EXPLORE_EVERY
+        elif self._exploring:
+            self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
         self._last_round = (self.expected / self.rows, self.tree_nodes, self.draft_seconds)
         if self.levels and self.forced is None:
             accepted = sum(node < self.tree_nodes for path in paths for node in path)

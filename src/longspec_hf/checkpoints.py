@@ -61,6 +61,41 @@ def hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
 
 
+def looks_local(source: str | os.PathLike) -> bool:
+    """Whether `source` can only mean a local folder: a Hub repo id is `name` or `org/name`, so a path object, a
+    leading `.`, `/` or `~`, a second `/`, or a first part that is an existing folder (`drafts/typo` next to
+    `drafts/`) say "path". Without this a mistyped path goes to the Hub and fails there after its retries."""
+    if isinstance(source, os.PathLike):
+        return True
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+        or ("/" in source and Path(source.split("/", 1)[0]).is_dir())
+    )
+
+
+def check_source(source: str | os.PathLike, local_files_only: bool = False, cache_dir=None, revision=None,
+                 **_) -> None:
+    """Fail at once, in one line, where asking the Hub cannot help: a local-looking folder that does not exist, or
+    a repo id in offline mode (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) that is not in the cache."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if looks_local(source):
+        raise FileNotFoundError(f"No such folder: {source} (looked for {path.absolute()}); check the path, or name "
+                                "a Hub repo as org/name.")
+    if local_files_only or is_offline_mode():
+        cached = try_to_load_from_cache(str(source), CONFIG_NAME, cache_dir=cache_dir, revision=revision)
+        if not isinstance(cached, str):
+            raise FileNotFoundError(
+                f"{source} is neither a local folder nor in the Hugging Face cache, and offline mode is on "
+                "(HF_HUB_OFFLINE=1 or local_files_only=True); give the folder's path, or download it once online."
+            )
+
+
 def resolve(path_or_repo: str | os.PathLike, filename: str, required: bool = True, **hub) -> str | None:
     """Local path of `filename` in a folder or Hub repo (downloaded or from the cache, offline mode honoured)."""
     return cached_file(
@@ -87,6 +122,14 @@ def weights_digests(folder: str | os.PathLike) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(Path(folder).glob("*.safetensors"))}
 
 
+def fetch_again(source: str) -> str:
+    """How to replace a damaged weights file: a Hub download is fetched again, a local folder has no other copy."""
+    if Path(source).expanduser().is_dir():
+        return ("The folder is local (nothing to download again): copy the draft again from where it came from, or "
+                "re-save it with save_pretrained.")
+    return "Download it again: from_pretrained(..., force_download=True)."
+
+
 def check_safetensors(path: str, source: str) -> None:
     """Refuse a file whose header is malformed or whose data is cut short (e.g. an interrupted download)."""
     try:
@@ -94,8 +137,7 @@ def check_safetensors(path: str, source: str) -> None:
             f.keys()
     except (SafetensorError, OSError) as err:
         raise CorruptCheckpointError(
-            f"The draft weights {Path(path).name} of {source} are truncated or corrupted ({err}). Delete the file "
-            "(or the Hugging Face cache entry) and download it again, e.g. from_pretrained(..., force_download=True)."
+            f"The draft weights {Path(path).name} of {source} are truncated or corrupted ({err}). {fetch_again(source)}"
         ) from err
 
 
@@ -111,7 +153,7 @@ def verify_weights(path_or_repo, config: dict, **hub) -> None:
                 raise CorruptCheckpointError(
                     f"The draft weights {name} of {source} do not match the digest recorded in its config.json "
                     f"(sha256 {actual[:12]}... instead of {expected[:12]}...): the file is corrupted or was replaced. "
-                    "Download it again, e.g. from_pretrained(..., force_download=True), or re-save the draft."
+                    f"{fetch_again(source)}"
                 )
         return
     # Older saves carry no digest: at least refuse malformed or truncated files.
@@ -200,8 +242,8 @@ def load_pytorch_weights(path: str, source: str) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError) as err:
         raise CorruptCheckpointError(
-            f"The draft weights {name} of {source} are truncated or corrupted ({first_sentence(err)}). Delete "
-            "the file (or the Hugging Face cache entry) and download it again, e.g. force_download=True."
+            f"The draft weights {name} of {source} are truncated or corrupted ({first_sentence(err)}). "
+            f"{fetch_again(source)}"
         ) from err
     return as_state_dict(loaded, name, source)
 
@@ -243,6 +285,7 @@ def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory:
     from .modeling import LongSpecDraftModel
 
     source = str(path_or_repo)
+    check_source(path_or_repo, **hub)
     config = read_json(resolve(path_or_repo, CONFIG_NAME, **hub))
     if not is_official_config(config):
         raise ValueError(

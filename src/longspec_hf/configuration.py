@@ -9,6 +9,9 @@ BINDING_ATTRIBUTES = ("vocab_size", "hidden_size", "num_attention_heads", "num_k
 # Which committed tokens the draft's self-attention sees (see LongSpecDraftConfig). A draft must be run with the rule
 # it was trained with: the attention pattern is part of what it learned.
 WINDOW_RULES = ("sink_window", "official")
+# A draft reads and writes its target's token ids (shared embeddings and LM head): its config carries the target's
+# special tokens, which is how transformers' pipelines tell that an assistant needs no tokenizer of its own.
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class last_layer_view:  # noqa: N801 - reads like the config it wraps
@@ -73,6 +76,8 @@ class LongSpecDraftConfig(PreTrainedConfig):
         window_rule (`str`, defaults to "sink_window"): "sink_window" or "official", as above. Training and inference
             apply the same rule; drafts saved before this setting existed were trained with "sink_window".
         target_model_type / target_name_or_path / target_revision: what the draft was built or trained for.
+        bos_token_id / eos_token_id / pad_token_id: the target's special tokens (the draft has no tokenizer of its
+            own); copied from the target's config by `from_target_config` and filled in when the draft is bound.
         weights_sha256 (`dict`, *optional*): sha256 of each weights file, written by `save_pretrained` and checked by
             `from_pretrained`, so a corrupted or truncated download is refused instead of giving a wrong draft.
     """
@@ -98,6 +103,9 @@ class LongSpecDraftConfig(PreTrainedConfig):
     target_model_type: str | None = None
     target_name_or_path: str | None = None
     target_revision: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
     weights_sha256: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -130,8 +138,15 @@ class LongSpecDraftConfig(PreTrainedConfig):
             target_model_type=text.model_type,
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
             target_revision=getattr(target_config, "_commit_hash", None),
+            **special_tokens(text),
             torch_dtype=None,
         )
         values.pop("torch_dtype")
         values.update(kwargs)
         return cls(**values)
+
+
+def special_tokens(text_config: PreTrainedConfig) -> dict:
+    """`{name: id}` of the special tokens a target's text config sets (the unset ones are left out)."""
+    values = {name: getattr(text_config, name, None) for name in SPECIAL_TOKENS}
+    return {name: value for name, value in values.items() if value is not None}

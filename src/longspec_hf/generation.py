@@ -29,6 +29,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.stopping_criteria import logger as stopping_logger
 
 from .acceptance import AcceptanceModel
 from .auto_tree import AutoTree, cost_model_for
@@ -118,13 +119,8 @@ def validate_inputs(
             raise ValueError("attention_mask has holes; only left padding (zeros before the prompt) is supported.")
         if bool(mask.all()):
             mask = None
-    lengths = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(-1)
-    max_positions = getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if max_positions is not None and int(lengths.max()) > max_positions:
-        raise ValueError(
-            f"A prompt has {int(lengths.max())} tokens but the target supports at most {max_positions} positions; "
-            "truncate the prompt (e.g. tokenizer(..., truncation=True, max_length=...))."
-        )
+    # Prompts longer than the target's positions run, as in plain generate(), whose max-length criterion warns (so
+    # does the loop's host-side copy of it, `host_stopping`).
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError("Streamers support batch size 1 only; generate one prompt at a time to stream.")
     cache = prompt_cache(model_kwargs)
@@ -138,20 +134,35 @@ def validate_inputs(
     return mask
 
 
+def target_positions(target: PreTrainedModel) -> int | None:
+    return getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def warn_past_positions(length: int, max_positions: int | None) -> None:
+    """transformers' own warning (its max-length criterion logs it once) for a sequence past the target's positions."""
+    if max_positions is not None and length > max_positions:
+        stopping_logger.warning_once(
+            "This is a friendly reminder - the current text generation call has exceeded the model's predefined "
+            f"maximum length ({max_positions}). Depending on the model, you may observe exceptions, performance "
+            "degradation, or nothing at all."
+        )
+
+
 def check_prompt_cache(cache, input_ids: torch.LongTensor, mask: torch.Tensor | None) -> None:
-    """A filled `past_key_values` (a prompt cache) is continued when it holds the KV of a prefix of every row."""
+    """A filled prompt cache (`cache=`, formerly `past_key_values=`) is continued when it holds the KV of a prefix of
+    every row."""
     if mask is not None:
-        raise ValueError("A filled past_key_values cannot be continued for left-padded rows with a LongSpec draft; "
+        raise ValueError("A filled cache (cache=...) cannot be continued for left-padded rows with a LongSpec draft; "
                          "pass the full padded prompts without a cache.")
     if not is_plain_dynamic(cache):
-        raise ValueError("A filled past_key_values must be a plain DynamicCache() (full layers, built without a "
+        raise ValueError("A filled cache (cache=...) must be a plain DynamicCache() (full layers, built without a "
                          "config) to be continued with a LongSpec draft: rejected tree tokens are cropped from it.")
     cached = cache.get_seq_length()
     if cached >= input_ids.shape[1]:
-        raise ValueError(f"past_key_values already holds {cached} tokens but the prompt has {input_ids.shape[1]}; "
+        raise ValueError(f"The cache already holds {cached} tokens but the prompt has {input_ids.shape[1]}; "
                          "pass the full prompt, with at least its last token not yet in the cache.")
     if cache.layers[0].keys.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"past_key_values has batch size {cache.layers[0].keys.shape[0]} but input_ids has "
+        raise ValueError(f"The cache has batch size {cache.layers[0].keys.shape[0]} but input_ids has "
                          f"{input_ids.shape[0]}; expand the cache to the batch (or generate per row).")
 
 
@@ -202,10 +213,11 @@ HostStop = Callable[[int, list[int]], tuple[int, bool]]
 def host_stopping(stopping_criteria) -> HostStop | None:
     """transformers' default criteria (max length, EOS ids) evaluated on host integers, token by token, exactly as
     they would be on the sequence; `None` when any other criterion (stop strings, the caller's own) is present."""
-    max_length, eos = None, set()
+    max_length, eos, max_positions = None, set(), None
     for criterion in stopping_criteria or []:
         if type(criterion) is MaxLengthCriteria:
             max_length = criterion.max_length if max_length is None else min(max_length, criterion.max_length)
+            max_positions = criterion.max_position_embeddings
         elif type(criterion) is EosTokenCriteria:
             eos.update(torch.as_tensor(criterion.eos_token_id).flatten().tolist())
         else:
@@ -215,6 +227,7 @@ def host_stopping(stopping_criteria) -> HostStop | None:
         for i, token in enumerate(tokens):
             if token in eos or (max_length is not None and length + i + 1 >= max_length):
                 return i + 1, True
+        warn_past_positions(length + len(tokens), max_positions)
         return len(tokens), False
 
     return stop
@@ -252,7 +265,7 @@ def speculative_generate(
 
     Returns the sequences `[B, L]` (left padding kept, finished rows right-padded with the pad token), or with
     ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` with ``sequences`` and, for one unpadded row,
-    ``past_key_values`` (KV of every token but the last, as after plain decoding; ``None`` for padded batches,
+    ``cache`` (KV of every token but the last, as after plain decoding; ``None`` for padded batches,
     whose cache holds placeholder slots).
     """
     input_ids = input_ids.to(target.device)
@@ -267,6 +280,8 @@ def speculative_generate(
     # Under compiled rounds the verification forward runs through torch.compile (the prefill stays eager).
     verify = verify_tree if compile_config is None else functools.partial(
         verify_tree, forward=compiled_call(target, compile_config))
+    if compile_config is None and specpv is None:
+        verify = root_only_as_plain_step(verify)
     select = token_selector(generation_config)
     # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
     vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
@@ -285,7 +300,8 @@ def speculative_generate(
     user_cache = prompt_cache(model_kwargs)
     cached = 0 if user_cache is None else user_cache.get_seq_length()
     # Room for the largest tree a round may verify: the draft's envelope plus the lookup branch.
-    cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting) + (lookup,))
+    cache = target_cache(target, user_cache if cached else None, max_length, setting_envelope(setting) + (lookup,),
+                         n)
     if mask is None:
         position_ids = torch.arange(n, device=input_ids.device)[None].expand(batch, n)
     else:
@@ -425,6 +441,21 @@ def speculative_generate(
     return decoder_output(output, past)
 
 
+def root_only_as_plain_step(verify: Callable) -> Callable:
+    """`verify`, except that a round whose tree is the root alone (what "auto" chooses when drafting would not pay)
+    runs as the plain decode step it is: the target's own attention over its cache, as plain generate() runs it, so
+    such a round costs what a plain step costs. Padded rows keep the tree path, whose mask skips their holes."""
+
+    def run(target: PreTrainedModel, state: TargetState, tree, attn_backend: str = "auto"):
+        if len(tree) > 1 or state.valid is not None:
+            return verify(target, state, tree, attn_backend)
+        out = target(input_ids=tree.tokens, position_ids=state.next_positions[:, None], use_cache=True,
+                     logits_to_keep=1, **{cache_kwarg(target): state.cache})
+        return out.logits.float()  # [B, 1, V]
+
+    return run
+
+
 def is_plain_dynamic(cache) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
@@ -442,12 +473,11 @@ def call_acceptance(drafter: Drafter) -> AcceptanceModel:
 
 
 def target_cache(target: PreTrainedModel, prompt: DynamicCache | None, max_length: int,
-                 tree_shape: tuple[int, ...]) -> PreallocatedCache:
+                 tree_shape: tuple[int, ...], prompt_length: int = 0) -> PreallocatedCache:
     """The target's cache for the loop, with room for the whole generation plus one tree (and a caller's prompt
-    cache copied in). The reservation is capped at the target's positions, so an unbounded `max_length` does not
-    reserve memory the target could never use."""
-    max_positions = getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    reserve = min(max_length, max_positions or max_length) + 1 + sum(tree_shape)
+    cache copied in). The reservation is capped at the target's positions (or the prompt, when longer), so an
+    unbounded `max_length` does not reserve memory the target is unlikely to use; the cache grows past it if needed."""
+    reserve = min(max_length, max(target_positions(target) or max_length, prompt_length)) + 1 + sum(tree_shape)
     if prompt is None:
         return PreallocatedCache(reserve)
     cache = PreallocatedCache.from_dynamic(prompt, reserve)

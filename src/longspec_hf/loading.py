@@ -141,6 +141,10 @@ def load_causal_lm(name: str, gguf_file: str | None = None, dtype: str = "fp32",
     else:
         if name == SMOLLM2:
             name, gguf_file = smollm2_gguf()
+        if not (gguf_file and Path(gguf_file).is_file()):
+            from .checkpoints import check_source
+
+            check_source(name)
         if gguf_file:
             target = gguf_causal_lm(name, gguf_file, DTYPES[dtype], attn_implementation, dense)
         else:

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 from .cache import SinkWindowCache, sink_window_slots
 from .checkpoints import (
     CONFIG_NAME,
+    check_source,
     convert_official_checkpoint,
     hub_kwargs,
     is_official_config,
@@ -43,7 +44,7 @@ from .checkpoints import (
     verify_weights,
     weights_digests,
 )
-from .configuration import BINDING_ATTRIBUTES, LongSpecDraftConfig, last_layer_view
+from .configuration import BINDING_ATTRIBUTES, SPECIAL_TOKENS, LongSpecDraftConfig, last_layer_view
 from .drafting import Drafter, DraftState, target_last_layer_kv
 from .support import UnsupportedTargetError, check_supported_target, last_layer_kv_geometry
 from .tree import (
@@ -359,6 +360,7 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         """
         source = pretrained_model_name_or_path
         hub = hub_kwargs(kwargs)
+        check_source(source, **hub)
         config_path = None if "config" in kwargs else resolve(source, CONFIG_NAME, required=False, **hub)
         if config_path is not None:
             config = read_json(config_path)
@@ -481,6 +483,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
                   if layer_has_rotary(rotary, rotary_kwargs) else None)
         self._bound = BoundTarget(model=target, embed_tokens=embed, lm_head=head, rotary_emb=rotary,
                                   rotary_kwargs=rotary_kwargs, rotate=rotate)
+        for name in SPECIAL_TOKENS:  # the target's token ids are the draft's (saved with it, read by pipelines)
+            setattr(self.config, name, getattr(text, name, None))
         mismatch = other_target_name(self.config, target.config)
         if mismatch:
             warnings.warn(mismatch, UserWarning, stacklevel=3)

@@ -9,6 +9,8 @@ training-free self-speculative draft, and either of those with SpecPV partial ve
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -135,6 +137,23 @@ def prompt_lookup(num_tokens: int = 10) -> Method:
     return Method("prompt_lookup", generate, uses_prompt_cache=False, settings={"prompt_lookup_num_tokens": num_tokens})
 
 
+@contextlib.contextmanager
+def quiet_assistant_config_warning():
+    """Hide transformers' deprecation notice about `generation_config` passed with generation arguments while its
+    own early-exit candidate generator makes that call to draft (the bench passes plain arguments); it is about
+    transformers' code, not the user's."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing `generation_config` together with generation-related")
+
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def early_exit(target, layer: int | None = None) -> Method:
     """transformers' early-exit assisted decoding: the target's first `layer` layers and its LM head draft. Only
     models trained for early exit (LayerSkip) draft well this way; on others it shows the cost of a poor draft."""
@@ -149,7 +168,8 @@ def early_exit(target, layer: int | None = None) -> Method:
                                                       "target")
 
     def generate(target, input_ids, cache, max_new_tokens):
-        return MethodOutput(greedy(target, input_ids, max_new_tokens, assistant_early_exit=layer))
+        with quiet_assistant_config_warning():
+            return MethodOutput(greedy(target, input_ids, max_new_tokens, assistant_early_exit=layer))
 
     return Method("early_exit", generate, uses_prompt_cache=False,
                   draft_cache_bytes=lambda prompt_cache: kv_bytes(prompt_cache, layers=layer),
@@ -157,13 +177,20 @@ def early_exit(target, layer: int | None = None) -> Method:
 
 
 def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: dict | None = None,
-                lookup: int = 0, compile_rounds: bool = False) -> Method:
-    """Any drafter of this package (LongSpec draft, SelfDraft) with a tree shape (None: the drafter's own; "auto":
-    chosen per round), optionally a prompt-lookup branch of `lookup` tokens on every tree, optionally SpecPV
-    partial verification settings (approximate: its `identical` column may say no), and optionally compiled rounds
-    (``compile_config=CompileConfig()``)."""
-    setting = tree_setting(tree_shape if tree_shape else getattr(draft.generation_config, "tree_shape", None))
-    shape = setting if setting == AUTO else list(setting)
+                lookup: int | None = None, compile_rounds: bool = False) -> Method:
+    """Any drafter of this package (LongSpec draft, SelfDraft) with its own ``generation_config`` as it is, except
+    for what is given: a tree shape ("auto": chosen per round), a prompt-lookup branch of `lookup` tokens on every
+    tree (0: none), SpecPV partial verification settings (approximate: its `identical` column may say no), compiled
+    rounds (``compile_config=CompileConfig()``). With none of them the method is the drafter's own defaults."""
+    config = draft.generation_config
+    changes = {}
+    if tree_shape is not None:  # [] is a shape too: rounds without a tree
+        setting = tree_setting(tree_shape)
+        changes["tree_shape"] = setting if setting == AUTO else list(setting)
+    if lookup is not None:
+        changes["prompt_lookup_num_tokens"] = lookup
+    if specpv:
+        changes["specpv"] = specpv
     options = {}
     if compile_rounds:
         from transformers import CompileConfig
@@ -171,13 +198,14 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
         options["compile_config"] = CompileConfig()
 
     def generate(target, input_ids, cache, max_new_tokens):
-        config = draft.generation_config
-        saved = config.tree_shape, getattr(config, "specpv", None), getattr(config, "prompt_lookup_num_tokens", None)
-        config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = shape, specpv, lookup
+        saved = {key: getattr(config, key, None) for key in changes}
+        for key, value in changes.items():
+            setattr(config, key, value)
         try:
             out = greedy(target, input_ids, max_new_tokens, cache=cache, assistant_model=draft, **options)
         finally:
-            config.tree_shape, config.specpv, config.prompt_lookup_num_tokens = saved
+            for key, value in saved.items():
+                setattr(config, key, value)
         # Verification rounds + the forward of the prompt's last token (the prompt cache holds all but that one).
         stats = draft.stats
         return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1,
@@ -185,9 +213,14 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
                             predicted_accepted=(stats.predicted_accepted, stats.accepted_tokens)
                             if stats.tree_shapes else None)
 
+    # What the method runs, its changes over the drafter's own settings included, as results.json reports it.
+    shape = changes.get("tree_shape", tree_setting(getattr(config, "tree_shape", None)))
+    shape = shape if shape == AUTO else list(shape)
+    branch = changes.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None) or 0)
     settings = {"tree_shape": shape, **({"specpv": specpv} if specpv else {}),
-                **({"prompt_lookup_num_tokens": lookup} if lookup else {}),
-                **({"compile_rounds": True} if compile_rounds else {})}
+                **({"prompt_lookup_num_tokens": branch} if branch else {}),
+                **({"compile_rounds": True} if compile_rounds else {}),
+                "changed": sorted(changes) + (["compile_config"] if compile_rounds else [])}
     # "auto" times a few forwards the first time it meets a context length (then reuses them), and compiled rounds
     # may compile a graph there: warm up per context, so the timed calls show the steady state; the measuring cost
     # is reported by the decode loop's stats.
@@ -196,9 +229,13 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
                   hook_forwards=False)
 
 
-def longspec(draft, tree_shape: list[int] | str | None, name: str = "longspec", specpv: dict | None = None,
-             lookup: int = 0, compile_rounds: bool = False) -> Method:
-    """LongSpec with `draft` and a tree shape (None: the draft's own `generation_config.tree_shape`)."""
+DRAFT_DEFAULTS = "longspec"  # the method that runs the draft as it comes: its own generation_config, unchanged
+
+
+def longspec(draft, tree_shape: list[int] | str | None = None, name: str = DRAFT_DEFAULTS,
+             specpv: dict | None = None, lookup: int | None = None, compile_rounds: bool = False) -> Method:
+    """LongSpec with `draft`: its own ``generation_config`` (tree shape, prompt-lookup branch, ...) except for what
+    is given (see :func:`speculative`)."""
     if draft is None:
         return Method(name, None, skip_reason="no LongSpec draft given (--draft)")
     return speculative(draft, tree_shape, name, specpv, lookup, compile_rounds)
@@ -224,6 +261,10 @@ def specpv_settings(budget_tokens: int, block_size: int = 16) -> dict:
     return {"block_size": block_size, "retrieval_blocks": max(budget_tokens // block_size, 0)}
 
 
+def lookup_variant_name(name: str, length: int) -> str:
+    return f"{name}_nolookup" if length == 0 else f"{name}_pl{length}"
+
+
 def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None = None,
                     early_exit_layer: int | None = None, prompt_lookup_tokens: int = 10,
                     self_draft_tree: list[int] | str | None = AUTO,
@@ -231,26 +272,29 @@ def default_methods(target, draft=None, trees: dict[str, list[int] | str] | None
                     attn_backend: str = "auto", compiled: bool = False,
                     lookup_branches: list[int] = (), compile_rounds: bool = False) -> list[Method]:
     """The baseline, with `compiled` its static-cache compiled variant, transformers' prompt lookup and early exit,
-    LongSpec per tree shape (name -> shape), again per tree with a prompt-lookup branch of each length in
-    `lookup_branches` (named `<tree>_pl<L>`), with `compile_rounds` again per tree with compiled rounds (named
-    `<tree>_compiled`), the self-speculative draft (unless `self_draft_tree` is None), and per SpecPV budget (tokens)
-    the first LongSpec tree with partial verification (the self-draft's when there is no LongSpec draft)."""
-    trees = trees if trees is not None else {"longspec_auto": AUTO, "longspec_chain": [1, 1, 1],
-                                             "longspec_tree": [4, 16, 16, 16, 16]}
+    LongSpec as the draft comes (``longspec``: its own ``generation_config``, e.g. ``tree_shape="auto"`` and the
+    shipped SmolLM2 draft's 6-token lookup branch) and with each tree shape of `trees` instead of its own (name ->
+    shape; default a chain and the beam tree, each keeping the draft's other settings), every one of those again
+    with a prompt-lookup branch of each length in `lookup_branches` (`<name>_pl<L>`; 0 turns the branch off:
+    `<name>_nolookup`), with `compile_rounds` again with compiled rounds (`<name>_compiled`), the self-speculative
+    draft (unless `self_draft_tree` is None), and per SpecPV budget (tokens) ``longspec`` with partial verification
+    (the self-draft when there is no LongSpec draft)."""
+    trees = trees if trees is not None else {"longspec_chain": [1, 1, 1], "longspec_tree": [4, 16, 16, 16, 16]}
+    variants = {DRAFT_DEFAULTS: None, **trees}
     methods = [autoregressive()] + ([compiled_static(target)] if compiled else [])
     methods += [prompt_lookup(prompt_lookup_tokens), early_exit(target, early_exit_layer)]
-    methods += [longspec(draft, shape, name) for name, shape in trees.items()]
-    methods += [longspec(draft, shape, f"{name}_pl{length}", lookup=length)
-                for length in lookup_branches for name, shape in trees.items()]
+    methods += [longspec(draft, shape, name) for name, shape in variants.items()]
+    methods += [longspec(draft, shape, lookup_variant_name(name, length), lookup=length)
+                for length in lookup_branches for name, shape in variants.items()]
     if compile_rounds:
-        methods += [longspec(draft, shape, f"{name}_compiled", compile_rounds=True) for name, shape in trees.items()]
+        methods += [longspec(draft, shape, f"{name}_compiled", compile_rounds=True)
+                    for name, shape in variants.items()]
     if self_draft_tree is not None:
         methods.append(self_draft(target, self_draft_tree, window_size=self_draft_window,
                                   attn_backend=attn_backend))
     for budget in specpv_budgets:
-        if draft is not None and trees:
-            name, shape = next(iter(trees.items()))
-            methods.append(longspec(draft, shape, f"{name}_pv{budget}", specpv_settings(budget)))
+        if draft is not None:
+            methods.append(longspec(draft, None, f"{DRAFT_DEFAULTS}_pv{budget}", specpv_settings(budget)))
         else:
             methods.append(self_draft(target, self_draft_tree or AUTO, window_size=self_draft_window,
                                       name=f"self_draft_pv{budget}", specpv=specpv_settings(budget),

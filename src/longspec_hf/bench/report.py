@@ -37,9 +37,29 @@ def markdown_table(result: dict) -> str:
                   + ", ".join(f"{name}: {n}" for name, n in list(row["tree_shapes"].items())[:6])
                   + (f" (accepted draft tokens: {row['accepted_tokens']}, predicted {row['predicted_accepted']:.0f})"
                      if "predicted_accepted" in row else "") for row in chosen]
+    described = [m for m in result.get("methods", []) if "changed" in m]
+    if described:
+        lines += ["", "Speculative methods (what each changes in the draft's own `generation_config`):"]
+        lines += [f"- {m['name']}: {method_text(m)}" for m in described]
     for skip in result["skipped"]:
         lines.append(f"\nSkipped {skip['method']}: {skip['reason']}.")
     return "\n".join(lines)
+
+
+def method_text(method: dict) -> str:
+    """`tree auto, 6-token lookup branch (the draft's defaults)` or `tree [1, 1, 1] (changed), ...`."""
+    changed = set(method["changed"])
+    shape = method["tree_shape"]
+    shape = shape if isinstance(shape, str) else list(shape) or "none"
+    parts = [f"tree {shape}" + (" (changed)" if "tree_shape" in changed else "")]
+    branch = method.get("prompt_lookup_num_tokens", 0)
+    lookup = f"{branch}-token lookup branch" if branch else "no lookup branch"
+    parts.append(lookup + (" (changed)" if "prompt_lookup_num_tokens" in changed else ""))
+    if "specpv" in changed:
+        parts.append(f"SpecPV {method['specpv']} (changed)")
+    if "compile_config" in changed:
+        parts.append("compiled rounds (changed)")
+    return ", ".join(parts) + ("" if changed else ": the draft's own defaults")
 
 
 def plot(result: dict, folder: Path) -> list[Path]:
@@ -76,17 +96,30 @@ def plot(result: dict, folder: Path) -> list[Path]:
     target_kv = sorted({(r["context"], r["target_kv_bytes"]) for r in rows})
     # A marker, so that with one context length the line (a single point) is drawn as its legend entry promises.
     ax.plot([c for c, _ in target_kv], [b / 2**20 for _, b in target_kv], "k--", marker="s", label="target KV cache")
-    for method in methods:
-        points = sorted({(r["context"], r["draft_cache_bytes"]) for r in rows
-                         if r["method"] == method and r["draft_cache_bytes"]})
-        if points:
-            ax.plot([c for c, _ in points], [b / 2**20 for _, b in points], marker="o", label=method)
+    for label, points in draft_cache_curves(rows, methods):
+        ax.plot([c for c, _ in points], [b / 2**20 for _, b in points], marker="o", label=label)
     ax.set(xlabel="context (tokens)", ylabel="KV cache (MiB)", xscale="log", title="draft cache vs context")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(folder / "draft_cache.png")
     fig.savefig(paths[-1], dpi=120)
     return paths
+
+
+def draft_cache_curves(rows: list[dict], methods: list[str]) -> list[tuple[str, tuple]]:
+    """`(label, ((context, bytes), ...))` per distinct curve of draft cache bytes. Methods of one drafter hold the
+    same cache whatever their tree, so their identical curves are drawn once, under a label naming them all."""
+    curves: dict[tuple, list[str]] = {}
+    for method in methods:
+        points = tuple(sorted({(r["context"], r["draft_cache_bytes"]) for r in rows
+                               if r["method"] == method and r["draft_cache_bytes"]}))
+        if points:
+            curves.setdefault(points, []).append(method)
+    labelled = []
+    for points, names in curves.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        labelled.append((names[0] if len(names) == 1 else f"{', '.join(names[:3])}{more} (same)", points))
+    return labelled
 
 
 def write_outputs(result: dict, folder: str | Path, markdown=None, plots=None) -> dict[str, Path]:

@@ -9,7 +9,7 @@ PARTS = ("draft", "verify", "accept", "commit", "other")
 
 
 def shape_text(shape: list[int]) -> str:
-    return ",".join(map(str, shape))
+    return ",".join(map(str, shape)) or "none"
 
 
 def column(row: dict) -> str:
