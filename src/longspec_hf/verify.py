@@ -13,11 +13,8 @@ from transformers.cache_utils import Cache
 
 from .attention import HYBRID_ATTENTION_NAME
 from .compat import cache_kwarg
-from .support import UnsupportedTargetError
+from .support import FULL, SLIDING, UnsupportedTargetError
 from .tree import DraftTree, tree_attention_bias
-
-FULL, SLIDING = "full_attention", "sliding_attention"
-
 
 _switch_lock = threading.Lock()
 _switched: dict[int, list] = {}  # id(config) -> [the user's implementation, verifications in flight]
