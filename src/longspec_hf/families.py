@@ -61,7 +61,8 @@ LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decod
 WINDOW_FIELDS = ("sliding_window", "attention_chunk_size", "window_size", "local_window_size")
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None}
 # Whatever a multimodal config nests besides its text model gets the same treatment.
-SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "speech_config", "vq_config")
+SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "speech_config", "vq_config",
+               "encoder_config", "decoder_config", "global_config", "patcher_config")
 
 # Features a family's default config leaves off or too weak to matter in a tiny model, switched on: soft-capping
 # that bites (a cap near the tiny model's score range), sliding layers mixed with global ones, hybrid layers.
@@ -72,6 +73,7 @@ FEATURES = {
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, "layer_types": None},
     "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, "layer_types": None},
     "lfm2": {"full_attn_idxs": [1], "layer_types": None},
+    "blt": {"encoder_hash_byte_group_vocab": 64},  # a 500k-row hash embedding per n-gram size otherwise
 }
 
 # Constructor-only settings (not kept as config fields): Gemma 4's wider global layers, at tiny size.
