@@ -292,9 +292,10 @@ class AutoTree:
         return go
 
     def choose(self, depth: int, parent_local: torch.Tensor, child_logprobs: torch.Tensor,
-               level_logprobs: torch.Tensor) -> int:
+               level_logprobs: torch.Tensor, vocab: torch.Tensor | None = None) -> int:
         width = level_logprobs.shape[1]
         top = level_logprobs.topk(min(self.max_width, level_logprobs.shape[-1]), dim=-1)  # [B, m, K]
+        top_ids = top.indices if vocab is None else vocab[top.indices]
         probabilities = child_logprobs.exp().tolist()  # [B, K] on the host: the one synchronisation per level
         parents = parent_local.tolist()
         now = time.perf_counter()
@@ -303,7 +304,7 @@ class AutoTree:
         self.draft_end = now
         if self.forced is not None:
             return self.forced[depth]
-        self.levels.append((self.tree_nodes - width, top.indices, top.values))
+        self.levels.append((self.tree_nodes - width, top_ids, top.values))
         candidates = [[self.level_acceptance[r][p] * h for p, h in zip(parents[r], self.calibrated(
             parents[r], probabilities[r]), strict=True)] for r in range(self.rows)]  # [B][K], in beam order
         means = [sum(column) / self.rows for column in zip(*candidates, strict=True)]

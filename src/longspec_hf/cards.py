@@ -55,6 +55,8 @@ def draft_card(
         window_size=config.window_size,
         tree_shape=tree_setting_text(getattr(draft.generation_config, "tree_shape", None)),
         prompt_lookup=getattr(draft.generation_config, "prompt_lookup_num_tokens", None) or "none",
+        draft_vocab=(f"{config.draft_vocab_size:,} most frequent of {config.vocab_size:,}"
+                     if getattr(config, "draft_vocab_size", None) else f"all {config.vocab_size:,}"),
         training_recipe=training_recipe,
         results_table=results_table,
     )

@@ -78,6 +78,10 @@ class LongSpecDraftConfig(PreTrainedConfig):
         target_model_type / target_name_or_path / target_revision: what the draft was built or trained for.
         bos_token_id / eos_token_id / pad_token_id: the target's special tokens (the draft has no tokenizer of its
             own); copied from the target's config by `from_target_config` and filled in when the draft is bound.
+        draft_vocab_size (`int`, *optional*): the draft scores only this many tokens — the target's most frequent
+            outputs, whose ids the draft saves as its `draft_vocab` buffer — instead of the whole vocabulary: the LM
+            head is most of a draft step's work. Verification still runs over the whole vocabulary, so the output
+            is unchanged; a token outside the subset is never drafted. `None`: the whole vocabulary.
         weights_sha256 (`dict`, *optional*): sha256 of each weights file, written by `save_pretrained` and checked by
             `from_pretrained`, so a corrupted or truncated download is refused instead of giving a wrong draft.
     """
@@ -107,6 +111,7 @@ class LongSpecDraftConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     weights_sha256: dict | None = None
+    draft_vocab_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.window_rule not in WINDOW_RULES:
@@ -116,6 +121,9 @@ class LongSpecDraftConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be between 1 and vocab_size ({self.vocab_size}); got "
+                             f"{self.draft_vocab_size} (None scores the whole vocabulary).")
         super().__post_init__(**kwargs)
 
     @classmethod

@@ -56,6 +56,7 @@ from .tree import (
     tree_attention_bias,
     tree_envelope,
 )
+from .vocabulary import check_vocabulary, subset_head
 
 
 class RMSNorm(nn.Module):
@@ -315,6 +316,10 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         self._untrained = False
         self._warned_untrained = False
         self.stats = None
+        # The token ids the draft scores, most frequent first (see vocabulary.py); None: the whole vocabulary.
+        size = config.draft_vocab_size
+        self.register_buffer("draft_vocab", None if size is None else torch.arange(size))
+        self._head_rows: tuple | None = None  # (key, weight, bias): the head's draft_vocab rows, gathered once
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -499,6 +504,31 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module | None:
         return None if self._bound is None else self._bound.embed_tokens
 
+    def set_draft_vocabulary(self, token_ids: torch.Tensor | Sequence[int] | None) -> None:
+        """Score only `token_ids` (e.g. :func:`~longspec_hf.vocabulary.ranked_vocabulary` of the target's outputs)
+        when drafting; None scores the whole vocabulary again. Needs no retraining: the draft uses the target's
+        head rows of those tokens. The output of ``generate`` does not change, only which tokens can be drafted."""
+        if token_ids is None:
+            self.draft_vocab, self.config.draft_vocab_size = None, None
+        else:
+            ids = check_vocabulary(token_ids, self.config.vocab_size)
+            device = next(self.parameters()).device
+            self.draft_vocab, self.config.draft_vocab_size = ids.to(device), len(ids)
+        self._head_rows = None
+
+    def _subset_head(self, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's rows of `draft_vocab`, gathered once per (head weights, vocabulary) rather than per step."""
+        weight = getattr(head, "weight", None)
+        if not isinstance(head, nn.Linear) or weight is None:
+            raise UnsupportedTargetError(
+                f"draft_vocab_size needs a linear LM head; {type(self.target).__name__}'s is a "
+                f"{type(head).__name__}. Use the whole vocabulary: draft.set_draft_vocabulary(None).")
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.draft_vocab.data_ptr(),
+               self.draft_vocab._version)
+        if self._head_rows is None or self._head_rows[0] != key:
+            self._head_rows = (key, *subset_head(head, self.draft_vocab))
+        return self._head_rows[1], self._head_rows[2]
+
     def get_output_embeddings(self) -> nn.Module | None:
         return None if self._bound is None else self._bound.lm_head
 
@@ -538,8 +568,9 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
+        vocab_subset: bool = False,
     ) -> torch.Tensor:
-        r"""Run the draft layer and return logits `[B, q, V]`.
+        r"""Run the draft layer and return logits `[B, q, V]` (`[B, q, V']` with `vocab_subset`).
 
         Args:
             input_ids: `[B, q]` tokens.
@@ -550,6 +581,8 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
                 means every key is visible (only valid when `q == 1`). It carries the window rule: build it with
                 :class:`WindowRule` (as :meth:`draft` does) or `training.self_attention_allowed`, not ad hoc.
             cross_attention_mask: additive `[B, 1, q, L]` mask over the target's keys, or `None` (all visible).
+            vocab_subset: return the logits of the `draft_vocab` tokens only, in its order (`V' = draft_vocab_size`),
+                which is all the draft computes; otherwise tokens outside it get the dtype's minimum.
         """
         bound = self._require_bound()
         hidden = bound.embed_tokens(input_ids)  # [B, q, hidden]
@@ -577,7 +610,15 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
 
         # 3. MLP, then straight into the target's head (no final norm, as in the official checkpoints)
         hidden = hidden + self.mlp(self.post_cross_attention_layernorm(hidden))
-        return bound.lm_head(hidden)
+        if self.draft_vocab is None:
+            return bound.lm_head(hidden)  # [B, q, V]
+
+        # 4. only the draft vocabulary's rows of the head: most of a step's work otherwise
+        logits = F.linear(hidden, *self._subset_head(bound.lm_head))  # [B, q, V']
+        if vocab_subset:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], bound.lm_head.weight.shape[0]), torch.finfo(logits.dtype).min)
+        return full.index_copy_(-1, self.draft_vocab, logits)  # [B, q, V]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Drafter protocol (used by the decode loop)
@@ -629,9 +670,10 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
             if tree is not None:
                 tree_bias = tree_bias.masked_fill(~tree, torch.finfo(tree_bias.dtype).min)  # [B, m, n]
             bias = torch.cat([tree_attention_bias(committed, tree_bias.dtype), tree_bias], dim=-1)  # [B, m, C + n]
-            return forward(tokens, positions, target_key, target_value, cache, bias[:, None], cross_bias)
+            return forward(tokens, positions, target_key, target_value, cache, bias[:, None], cross_bias,
+                           vocab_subset=True)
 
-        return build_beam_tree(step, root_tokens, root_positions, tree_shape)
+        return build_beam_tree(step, root_tokens, root_positions, tree_shape, self.draft_vocab)
 
     def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor,
                start_positions: torch.Tensor) -> None:

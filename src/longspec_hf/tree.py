@@ -118,10 +118,11 @@ class TreeGrowth(Protocol):
         """Before the draft forward over the `width` nodes at `depth`: run it (and see the next level's candidates)?"""
 
     def choose(self, depth: int, parent_local: torch.Tensor, child_logprobs: torch.Tensor,
-               level_logprobs: torch.Tensor) -> int:
+               level_logprobs: torch.Tensor, vocab: torch.Tensor | None = None) -> int:
         """How many of the next level's candidates to keep (0 ends the tree at `depth`). Candidates come in beam order:
-        `parent_local [B, K]`, their conditional `child_logprobs [B, K]`; `level_logprobs [B, m, V]` is the draft's
-        distribution at each node of the level."""
+        `parent_local [B, K]`, their conditional `child_logprobs [B, K]`; `level_logprobs [B, m, V']` is the draft's
+        distribution at each node of the level, over the token ids `vocab [V']` where the draft scores part of the
+        vocabulary (None: column `i` is token `i`)."""
 
 
 def tree_envelope(tree_shape: Sequence[int] | TreeGrowth) -> tuple[int, ...]:
@@ -165,18 +166,21 @@ DraftStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def build_beam_tree(
-    step: DraftStep, root_tokens: torch.Tensor, root_positions: torch.Tensor, tree_shape: Sequence[int] | TreeGrowth
+    step: DraftStep, root_tokens: torch.Tensor, root_positions: torch.Tensor, tree_shape: Sequence[int] | TreeGrowth,
+    vocab: torch.Tensor | None = None,
 ) -> DraftTree:
     """Grow a beam tree per row with one draft forward per level.
 
     Args:
-        step: `step(tokens [B, m], positions [B, m], tree_bias [B, m, n]) -> logits [B, m, V]` runs the draft on the
+        step: `step(tokens [B, m], positions [B, m], tree_bias [B, m, n]) -> logits [B, m, V']` runs the draft on the
             `m` newest nodes; `tree_bias` is the additive mask of those nodes over all `n` tree nodes so far
             (themselves included), which the draft appends to whatever committed cache it attends to.
         root_tokens: `[B]` the roots' token ids.
         root_positions: `[B]` absolute positions of the roots.
         tree_shape: widths of levels 1..L, or a :class:`TreeGrowth` that picks each width (up to its envelope's)
             after seeing the level's candidates, and may stop early.
+        vocab: `[V']` the token id of each logit column, where the draft scores only part of the vocabulary (a
+            frequency-ranked draft vocabulary); None: all `V` tokens, column `i` is token `i`.
     """
     growth = None if isinstance(tree_shape, Sequence) else tree_shape
     widths = tree_envelope(tree_shape)
@@ -196,11 +200,13 @@ def build_beam_tree(
             break
         positions = (root_positions + depth)[:, None].expand_as(tokens[-1])
         bias = tree_attention_bias(ancestors[:, level_start:n, :n], torch.float32)
-        logits = step(tokens[-1], positions, bias)  # [B, m, V]
+        logits = step(tokens[-1], positions, bias)  # [B, m, V']
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         parent_local, child_tokens, child_scores, child_logprobs = top_children(logprobs, scores, width, depth == 0)
+        if vocab is not None:
+            child_tokens = vocab[child_tokens]
         if growth is not None:
-            k = growth.choose(depth, parent_local, child_logprobs, logprobs)
+            k = growth.choose(depth, parent_local, child_logprobs, logprobs, vocab)
             if k == 0:
                 break
             parent_local, child_tokens = parent_local[:, :k], child_tokens[:, :k]
