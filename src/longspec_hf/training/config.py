@@ -42,6 +42,15 @@ class TrainConfig:
     resume: bool = False
     init_draft: str | None = None
     tree_shape: list[int] = field(default_factory=lambda: [4, 16, 16, 16, 16])
+    # Train from a feature store in this folder (the target's last-layer KV and top-k next-token log-probs, captured
+    # from --data once, then read every epoch) instead of a target forward per step. Captured if missing.
+    features: str | None = None
+    top_k: int = 32
+    capture_dtype: str = "bf16"
+    # Score only the target's N most frequent next tokens (LM-head rows) in the draft; None: the whole vocabulary.
+    draft_vocab_size: int | None = None
+    # Weight of a generated row's prompt tokens in the loss (its continuation weighs 1).
+    prompt_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -53,6 +53,36 @@ def target_pass(target: PreTrainedModel, input_ids: torch.LongTensor, position_i
     return key, value, (out.logits if want_logits else None)
 
 
+def token_weights(loss_mask: torch.Tensor, prompt_weight: float = 0.0) -> torch.Tensor:
+    """`[B, L]` weight of predicting each token: 1 where `loss_mask` scores it (a continuation), `prompt_weight` for
+    the real tokens before a row's last scored one (its prompt), 0 after it (padding after an early EOS)."""
+    scored = loss_mask.bool()
+    index = torch.arange(scored.shape[1], device=scored.device)
+    last = torch.where(scored, index, -1).amax(dim=1, keepdim=True)  # [B, 1]
+    context = ~scored & (index < last)
+    return scored.float() + prompt_weight * context.float()
+
+
+def unwrapped(draft):
+    """The draft itself under a distributed wrapper (DDP keeps it as `.module`): its config and buffers."""
+    return getattr(draft, "module", draft)
+
+
+def draft_masks(draft, length: int, lag: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive `[1, 1, L, L]` self- and cross-attention masks of a teacher-forced draft pass at `lag`."""
+    config = unwrapped(draft).config
+    sink, window = config.sink_size, path_window_keys(config.window_rule, config.window_size)
+    self_mask = tree_attention_bias(self_attention_allowed(length, sink, window, device), dtype)[None, None]
+    cross_mask = tree_attention_bias(cross_attention_allowed(length, lag, device), dtype)[None, None]
+    return self_mask, cross_mask
+
+
+def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return per_position.mean()
+    return (per_position * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
 def draft_loss(
     draft,
     target: PreTrainedModel,
@@ -61,38 +91,78 @@ def draft_loss(
     lag: int,
     loss_type: str = "distill",
     loss_mask: torch.Tensor | None = None,
+    prompt_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean next-token loss of the draft over positions `lag .. L-2` of `input_ids [B, L]`.
 
     `loss_type`: "ce" (data labels through the frozen head) or "distill" (KL divergence from the target's own
     next-token distribution at the same position to the draft's). `loss_mask [B, L]` (bool, optional): the mean
-    runs over the predictions of tokens `i` with `loss_mask[:, i]` only — e.g. a generated continuation, with its
-    prompt as context; every position still attends as usual.
+    runs over the predictions of tokens `i` with `loss_mask[:, i]` — e.g. a generated continuation — and, with
+    weight `prompt_weight`, over the prompt before it; every position still attends as usual. A draft with a draft
+    vocabulary is scored over it (the target's distribution renormalised to it): it can predict nothing else.
     """
     batch, length = input_ids.shape
     if length < lag + 2:
         raise ValueError(f"Training sequences need at least lag + 2 = {lag + 2} tokens, got {length}; use longer "
                          "sequences (--seq-len) or a smaller --lag-max.")
-    key, value, target_logits = target_pass(target, input_ids, position_ids, loss_type == "distill")
-    dtype = key.dtype
-    sink, window = draft.config.sink_size, path_window_keys(draft.config.window_rule, draft.config.window_size)
-    self_mask = tree_attention_bias(self_attention_allowed(length, sink, window, input_ids.device), dtype)[None, None]
-    cross_mask = tree_attention_bias(cross_attention_allowed(length, lag, input_ids.device), dtype)[None, None]
-    logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask)  # [B, L, V]
-    scored = slice(lag, length - 1)
-    draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)
     if loss_type not in ("ce", "distill"):
         raise ValueError(f"Unknown loss {loss_type!r}; use 'ce' or 'distill'.")
-    if loss_mask is None:  # the unmasked means, as the loss was always computed
-        if loss_type == "ce":
-            return F.nll_loss(draft_logprobs.flatten(0, 1), input_ids[:, lag + 1 :].flatten())
-        target_logprobs = F.log_softmax(target_logits[:, scored].float(), dim=-1)
-        return F.kl_div(draft_logprobs.flatten(0, 1), target_logprobs.flatten(0, 1), log_target=True,
-                        reduction="batchmean")
+    key, value, target_logits = target_pass(target, input_ids, position_ids, loss_type == "distill")
+    self_mask, cross_mask = draft_masks(draft, length, lag, key.dtype, input_ids.device)
+    logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask, vocab_subset=True)  # [B, L, V']
+    scored = slice(lag, length - 1)
+    draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)
+    vocab = unwrapped(draft).draft_vocab
+    weights = None if loss_mask is None else token_weights(loss_mask, prompt_weight)[:, lag + 1 :]  # [B, L-lag-1]
     if loss_type == "ce":
-        per_position = -draft_logprobs.gather(-1, input_ids[:, lag + 1 :, None])[..., 0]  # [B, L-lag-1]
-    else:
-        target_logprobs = F.log_softmax(target_logits[:, scored].float(), dim=-1)
-        per_position = F.kl_div(draft_logprobs, target_logprobs, log_target=True, reduction="none").sum(-1)
-    weights = loss_mask[:, lag + 1 :].to(per_position.dtype)  # [B, L-lag-1]: whether each predicted token counts
-    return (per_position * weights).sum() / weights.sum().clamp(min=1)
+        labels = input_ids[:, lag + 1 :]
+        if vocab is not None:  # a label outside the draft vocabulary cannot be predicted: not scored
+            column = vocab_columns(vocab, unwrapped(draft).config.vocab_size)
+            labels = column[labels]
+            inside = labels >= 0
+            weights = inside.float() if weights is None else weights * inside
+            labels = labels.clamp(min=0)
+        per_position = -draft_logprobs.gather(-1, labels[..., None])[..., 0]  # [B, L-lag-1]
+        return weighted_mean(per_position, weights)
+    target_logits = target_logits[:, scored].float()
+    if vocab is not None:
+        target_logits = target_logits[..., vocab]
+    target_logprobs = F.log_softmax(target_logits, dim=-1)
+    per_position = F.kl_div(draft_logprobs, target_logprobs, log_target=True, reduction="none").sum(-1)
+    return weighted_mean(per_position, weights)
+
+
+def vocab_columns(vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[V]`: the column of each token id in a draft vocabulary's logits, -1 for ids outside it."""
+    column = torch.full((vocab_size,), -1, dtype=torch.long, device=vocab.device)
+    column[vocab] = torch.arange(len(vocab), device=vocab.device)
+    return column
+
+
+def feature_loss(draft, rows: dict[str, torch.Tensor], lag: int, prompt_weight: float = 0.0) -> torch.Tensor:
+    """:func:`draft_loss` ("distill") from captured features (:mod:`~longspec_hf.training.features`) instead of a
+    target forward: the KL divergence from the target's top-k next-token distribution, renormalised over its tokens
+    the draft can predict, to the draft's."""
+    input_ids, position_ids = rows["input_ids"].long(), rows["position_ids"].long()
+    batch, length = input_ids.shape
+    if length < lag + 2:
+        raise ValueError(f"Training sequences need at least lag + 2 = {lag + 2} tokens, got {length}; use a smaller "
+                         "--lag-max.")
+    dtype = next(draft.parameters()).dtype
+    key, value = rows["key"].to(dtype), rows["value"].to(dtype)
+    self_mask, cross_mask = draft_masks(draft, length, lag, dtype, input_ids.device)
+    logits = draft(input_ids, position_ids, key, value, None, self_mask, cross_mask, vocab_subset=True)  # [B, L, V']
+    scored = slice(lag, length - 1)
+    draft_logprobs = F.log_softmax(logits[:, scored].float(), dim=-1)  # [B, n, V']
+    top_ids = rows["top_ids"][:, scored].long()  # [B, n, k]
+    top_logprobs = rows["top_logprobs"][:, scored].float()
+    vocab = unwrapped(draft).draft_vocab
+    if vocab is not None:
+        top_ids = vocab_columns(vocab, unwrapped(draft).config.vocab_size)[top_ids]
+    inside = top_ids >= 0
+    target_logprobs = torch.log_softmax(top_logprobs.masked_fill(~inside, float("-inf")), dim=-1)  # [B, n, k]
+    target_probs = target_logprobs.exp().nan_to_num(0.0)  # a row with no top-k token inside: all zero, unscored
+    gathered = draft_logprobs.gather(-1, top_ids.clamp(min=0))
+    per_position = (target_probs * (target_logprobs.clamp(min=-1e4) - gathered)).sum(-1)  # [B, n]
+    weights = token_weights(rows["loss_mask"], prompt_weight)[:, lag + 1 :] * inside.any(-1)
+    return weighted_mean(per_position, weights)

@@ -8,6 +8,7 @@ the anchor-offset positions are drawn from generators seeded by the step, so a r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -22,14 +23,60 @@ from ..modeling import LongSpecDraftModel
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
 from .config import TrainConfig
 from .generated import training_sequences
-from .objective import draft_loss
+from .objective import draft_loss, feature_loss
 from .positions import anchor_offset_positions
 
 
-def load_target(config: TrainConfig):
+def load_target(config: TrainConfig, dtype: str | None = None):
     from ..loading import load_causal_lm
 
-    return load_causal_lm(config.target, config.gguf_file, config.dtype, tokenizer=config.tokenizer)
+    return load_causal_lm(config.target, config.gguf_file, dtype or config.dtype, tokenizer=config.tokenizer)
+
+
+def sequence_positions(config: TrainConfig, count: int, max_positions: int) -> torch.LongTensor:
+    """`[count, seq_len]` anchor-offset positions of a feature store's rows, one seeded draw per row (a store
+    fixes the positions its target KV were computed at)."""
+    return torch.stack([
+        anchor_offset_positions(config.seq_len, max_positions, torch.Generator().manual_seed(config.seed * 7919 + i),
+                                config.max_anchor, config.long_threshold)
+        for i in range(count)
+    ])
+
+
+def prepare_features(config: TrainConfig, accelerator, progress: bool):
+    """The run's feature store: captured from `config.data` with the target in `capture_dtype` (by the main process,
+    resuming a partial capture), then opened by every process."""
+    from .features import FeatureStore, capture_features
+    from .generated import weights_fingerprint
+
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            target, tokenizer = load_target(config, config.capture_dtype)
+            target.to(accelerator.device)
+            data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
+                                                 progress)  # [N, L], [N, L] | None
+            max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
+            settings = {"data": config.data, "seq_len": config.seq_len, "top_k": config.top_k,
+                        "capture_dtype": config.capture_dtype, "seed": config.seed, "max_anchor": config.max_anchor,
+                        "long_threshold": config.long_threshold, "text_column": config.text_column}
+            key = hashlib.sha256(json.dumps([weights_fingerprint(target), settings], sort_keys=True).encode())
+            capture_features(target, data, sequence_positions(config, len(data), max_positions), loss_mask,
+                             config.features, settings, key.hexdigest()[:16], config.top_k, config.capture_dtype,
+                             batch_size=config.batch_size, progress=progress)
+            del target
+        return FeatureStore(config.features)
+
+
+def apply_draft_vocabulary(draft: LongSpecDraftModel, config: TrainConfig, store, target, data) -> None:
+    """Give the draft the `draft_vocab_size` tokens the target predicts most often on the training data."""
+    from ..vocabulary import count_target_outputs, ranked_vocabulary
+
+    vocab = draft.config.vocab_size
+    counts = (store.top1_counts(vocab) if store is not None
+              else count_target_outputs(target, data[:64], counts=torch.zeros(vocab, dtype=torch.long)))
+    eos = target.generation_config.eos_token_id
+    always = eos if isinstance(eos, list) else [eos]
+    draft.set_draft_vocabulary(ranked_vocabulary(counts, config.draft_vocab_size, always))
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -80,12 +127,21 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     out = prepare_output_dir(config)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
                               mixed_precision="bf16" if config.dtype == "bf16" else "no")
-    target, tokenizer = load_target(config)
-    target.to(accelerator.device)
-    max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
-    with accelerator.main_process_first():  # one process writes the target's continuations (generated:), all read
-        data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
-                                             progress and accelerator.is_local_main_process)  # [N, L], [N, L] | None
+    store = data = loss_mask = None
+    if config.features:
+        # The store holds what the target computes; the target itself only lends the draft its embeddings and
+        # head, in fp32 (master weights; bf16 compute comes from autocast).
+        store = prepare_features(config, accelerator, progress and accelerator.is_local_main_process)
+        target, tokenizer = load_target(config, "fp32")
+        target.to(accelerator.device)
+        rows = torch.arange(len(store))
+    else:
+        target, tokenizer = load_target(config)
+        target.to(accelerator.device)
+        max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
+        with accelerator.main_process_first():  # one process writes the target's continuations (generated:)
+            data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
+                                                 progress and accelerator.is_local_main_process)  # [N, L], [N, L]
 
     torch.manual_seed(config.seed)
     if config.init_draft:
@@ -95,6 +151,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         draft = LongSpecDraftModel.from_target(target, sink_size=config.sink_size, window_size=config.window_size)
     draft.config.target_name_or_path = config.target
     draft.generation_config.tree_shape = list(config.tree_shape)
+    if config.draft_vocab_size:
+        apply_draft_vocabulary(draft, config, store, target, data)
     draft.to(accelerator.device).train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
@@ -118,6 +176,14 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             index = step * config.grad_accum + micro
             gen = step_generator(config, index)
             lag = int(torch.randint(config.lag_min, config.lag_max + 1, (1,), generator=gen))
+            if store is not None:
+                picked = micro_batch(rows, config, index, accelerator.process_index, accelerator.num_processes)
+                batch = {k: v.to(accelerator.device) for k, v in store.rows(picked).items()}
+                with accelerator.accumulate(draft_model), accelerator.autocast():
+                    loss = feature_loss(draft_model, batch, lag, config.prompt_weight)
+                    optimizer_step(accelerator, draft_model, optimizer, scheduler, loss, config)
+                tokens += batch["input_ids"].numel() * accelerator.num_processes
+                continue
             ids = micro_batch(data, config, index, accelerator.process_index, accelerator.num_processes)
             # The same rows (the permutation depends on the index only): which of their tokens are scored.
             mask = None if loss_mask is None else micro_batch(loss_mask, config, index, accelerator.process_index,
@@ -128,14 +194,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             ])
             ids, positions = ids.to(accelerator.device), positions.to(accelerator.device)
             with accelerator.accumulate(draft_model), accelerator.autocast():
-                loss = draft_loss(draft_model, target, ids, positions, lag, config.loss, mask)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(draft_model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                loss = draft_loss(draft_model, target, ids, positions, lag, config.loss, mask, config.prompt_weight)
+                optimizer_step(accelerator, draft_model, optimizer, scheduler, loss, config)
             tokens += ids.numel() * accelerator.num_processes
         bar.update(1)
         tokens_per_s = tokens / (time.perf_counter() - t0)
@@ -152,6 +212,17 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         final.save_pretrained(out)
         (out / "training_args.json").write_text(json.dumps(asdict(config), indent=2))
     return final
+
+
+def optimizer_step(accelerator, draft_model, optimizer, scheduler, loss, config: TrainConfig) -> None:
+    """Backward and, at the end of a gradient accumulation, clip, step and schedule (under `accumulate`)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(draft_model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad()
 
 
 def log_step(out: Path, record: dict) -> None:

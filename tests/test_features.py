@@ -1,0 +1,71 @@
+"""Training from a feature store: captured once, the same loss as a live target pass, resumable, draft vocabulary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_prompt, tiny_target
+from test_training import config, workspace  # noqa: F401 - the module's fixture, shared
+
+from longspec_hf import LongSpecDraftModel
+from longspec_hf.training import train
+from longspec_hf.training.features import FeatureStore, capture_features
+from longspec_hf.training.objective import draft_loss, feature_loss, token_weights
+from longspec_hf.vocabulary import ranked_vocabulary
+
+
+def test_token_weights_score_the_continuation_weigh_the_prompt_and_skip_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert token_weights(mask, 0.25).tolist() == [[0.25, 0.25, 1, 1, 0], [0.25, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("vocab_size", [None, 40])
+def test_the_feature_loss_is_the_live_distillation_loss(tmp_path, vocab_size):
+    """With every token kept (top-k = vocabulary) and fp32 features, reading the store gives the live loss."""
+    target = tiny_target("llama")
+    torch.manual_seed(3)
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=8)
+    if vocab_size:
+        draft.set_draft_vocabulary(ranked_vocabulary(torch.arange(96.0), vocab_size))
+    ids = torch.cat([random_prompt(24, seed=1), random_prompt(24, seed=2)])
+    positions = torch.arange(24).repeat(2, 1) + torch.tensor([[0], [100]])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 12:] = True
+    store = capture_features(target, ids, positions, mask, tmp_path, {"test": 1}, "k", top_k=96, dtype="fp32",
+                             rows_per_shard=1, progress=False)
+    rows = store.rows([0, 1])
+    assert torch.equal(rows["input_ids"].long(), ids) and torch.equal(rows["position_ids"].long(), positions)
+    for lag in (1, 3):
+        live = draft_loss(draft, target, ids, positions, lag, "distill", mask, prompt_weight=0.5)
+        stored = feature_loss(draft, rows, lag, prompt_weight=0.5)
+        torch.testing.assert_close(stored, live, rtol=1e-4, atol=1e-5)
+
+
+def test_a_store_made_with_other_settings_is_refused(tmp_path):
+    target = tiny_target("llama")
+    ids = random_prompt(16)
+    capture_features(target, ids, torch.arange(16)[None], None, tmp_path, {"a": 1}, "key-1", top_k=4,
+                     progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        capture_features(target, ids, torch.arange(16)[None], None, tmp_path, {"a": 2}, "key-2", top_k=4,
+                         progress=False)
+    (tmp_path / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        FeatureStore(tmp_path)
+
+
+def test_training_from_features_learns_and_reuses_the_store(workspace, tmp_path):  # noqa: F811
+    features = tmp_path / "features"
+    first = train(config(workspace, tmp_path / "a", features=str(features), max_steps=80, draft_vocab_size=48),
+                  progress=False)
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    assert first.config.draft_vocab_size == 48
+    loaded = LongSpecDraftModel.from_pretrained(tmp_path / "a")
+    assert torch.equal(loaded.draft_vocab, first.draft_vocab)
+    stamps = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    train(config(workspace, tmp_path / "b", features=str(features), max_steps=2), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == stamps  # read, not captured again
