@@ -235,6 +235,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "stdlib=python-stdlib:heldout")
     parser.add_argument("--tree-shape", nargs="+", default=None, metavar="W",
                         help="level widths (e.g. 1 1 1 or 4 16 16), or auto (default: the draft's own)")
+    parser.add_argument("--draft-vocab-sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="compare draft vocabularies on the same prompts: the N most frequent tokens of the "
+                             "draft's ranked vocabulary each (0 = the whole vocabulary); default: the draft's own")
     parser.add_argument("--prompt-lookup", type=int, default=None, metavar="L",
                         help="graft a prompt-lookup branch of L tokens onto every tree (0: none; default: the "
                              "draft's own prompt_lookup_num_tokens)")

@@ -7,6 +7,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 import longspec_hf_cli
 from longspec_hf import evaluation
@@ -68,7 +69,7 @@ def test_evaluate_held_out_domains_on_the_toy(toy, tmp_path, capsys):
             assert row["prompts"] == evaluation.DEFAULT_PROMPTS >= 8 and row["tau"] >= 1 and row["rounds"] > 0
     assert "skipped" not in cells["short", 16] and "fewer than one 48-token prompt" in cells["short", 48]["skipped"]
     assert "skipping short at context 48" in capsys.readouterr().err
-    assert "| short | 48 | skipped:" in evaluation.markdown_table(rows)
+    assert "| short | 48 | | skipped:" in evaluation.markdown_table(rows)
 
 
 def test_windows_of_one_stream_serve_every_context(toy):
@@ -92,3 +93,19 @@ def test_eval_cli_writes_every_cell(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["domain"], r["context"], r["prompts"]) for r in rows] == [("code", 24, 8), ("prose", 24, 8)]
     assert "| code | 24 |" in capsys.readouterr().out
+
+
+def test_draft_vocabularies_are_compared_on_the_same_prompts(toy):
+    from longspec_hf.vocabulary import ranked_vocabulary
+
+    target, draft, tokenizer = toy
+    draft.set_draft_vocabulary(ranked_vocabulary(torch.arange(draft.config.vocab_size).flip(0), 64))
+    rows = evaluation.evaluate(target, draft, tokenizer, {"code": "installed-code"}, contexts=[16],
+                               max_new_tokens=3, vocab_sizes=[0, 32, 64])
+    assert [r["vocab"] for r in rows] == ["all", "32", "64"]
+    assert all(r["draft_ms_per_round"] > 0 for r in rows)
+    assert len(draft.draft_vocab) == 64  # left as it was
+    assert "| code | 16 | 32 |" in evaluation.markdown_table(rows)
+    with pytest.raises(ValueError, match="has 64 tokens"):
+        evaluation.draft_vocabularies(draft, [128])
+    draft.set_draft_vocabulary(None)

@@ -49,25 +49,58 @@ def prompt_windows(tokenizer, texts: list[str], context: int, count: int) -> lis
 
 
 def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: int) -> dict:
+    """tau pooled over `prompts`, and the draft's milliseconds per round (its part of the rounds, profiled)."""
     rounds = accepted = lookup = 0
-    seconds = 0.0
-    for ids in prompts:
-        start = time.perf_counter()
-        target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=max_new_tokens)
-        seconds += time.perf_counter() - start
-        rounds += draft.stats.rounds
-        accepted += draft.stats.accepted_tokens
-        lookup += draft.stats.lookup_accepted_tokens
+    seconds = draft_seconds = 0.0
+    profile = getattr(draft.generation_config, "profile_rounds", False)
+    draft.generation_config.profile_rounds = True
+    try:
+        for ids in prompts:
+            start = time.perf_counter()
+            target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=max_new_tokens)
+            seconds += time.perf_counter() - start
+            rounds += draft.stats.rounds
+            accepted += draft.stats.accepted_tokens
+            lookup += draft.stats.lookup_accepted_tokens
+            draft_seconds += draft.stats.timings.get("draft", 0.0)
+    finally:
+        draft.generation_config.profile_rounds = profile
     return {"tau": (accepted + rounds) / max(rounds, 1), "rounds": rounds, "accepted_tokens": accepted,
-            "lookup_accepted_tokens": lookup, "prompts": len(prompts), "seconds": round(seconds, 2)}
+            "lookup_accepted_tokens": lookup, "prompts": len(prompts), "seconds": round(seconds, 2),
+            "draft_ms_per_round": round(1000 * draft_seconds / max(rounds, 1), 2)}
+
+
+def draft_vocabularies(draft, sizes: list[int] | None) -> list[tuple[str, torch.Tensor | None]]:
+    """`(label, token ids or None)` per requested draft-vocabulary size: a prefix of the draft's own ranked
+    vocabulary, 0 for the whole vocabulary; None (no sizes asked): the draft as it is."""
+    own = getattr(draft, "draft_vocab", None)
+    if not sizes:
+        return [(str(len(own)) if own is not None else "all", own)]
+    if not hasattr(draft, "set_draft_vocabulary"):
+        raise ValueError(f"--draft-vocab-sizes: a {type(draft).__name__} has no draft vocabulary (LongSpec drafts do).")
+    chosen = []
+    for size in sizes:
+        if size == 0:
+            chosen.append(("all", None))
+        elif own is None or size > len(own):
+            have = "none" if own is None else f"{len(own)} tokens"
+            raise ValueError(f"--draft-vocab-sizes {size}: the draft's ranked vocabulary has {have}; sizes are prefixes "
+                             "of it (0 = the whole vocabulary). Train with --draft-vocab-size, or rank one with "
+                             "draft.set_draft_vocabulary(ranked_vocabulary(...)).")
+        else:
+            chosen.append((str(size), own[:size]))
+    return chosen
 
 
 def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[int], max_new_tokens: int,
-             prompts_per_context: int = DEFAULT_PROMPTS) -> list[dict]:
-    """One row per (domain, context): tau pooled over `prompts_per_context` prompts, or ``skipped`` with the reason
-    when the domain's text is shorter than the context."""
+             prompts_per_context: int = DEFAULT_PROMPTS, vocab_sizes: list[int] | None = None) -> list[dict]:
+    """One row per (domain, context, draft vocabulary): tau pooled over `prompts_per_context` prompts, or
+    ``skipped`` with the reason when the domain's text is shorter than the context. `vocab_sizes`: compare draft
+    vocabularies (prefixes of the draft's ranked one, 0 = all) on the same prompts; the draft is left as it was."""
     from .training.data import load_texts
 
+    own = getattr(draft, "draft_vocab", None)
+    vocabularies = draft_vocabularies(draft, vocab_sizes)
     rows = []
     for domain, source in domains.items():
         texts = load_texts([source])
@@ -84,14 +117,21 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
                 print(f"longspec eval: {domain} at context {context}: {len(stream)} tokens of text, so its "
                       f"{prompts_per_context} prompts overlap.", file=sys.stderr)
             prompts = windows(stream, context, prompts_per_context)
-            rows.append({**cell, **measure_tau(target, draft, prompts, max_new_tokens)})
+            for label, vocab in vocabularies:
+                if vocab_sizes:
+                    draft.set_draft_vocabulary(vocab)
+                rows.append({**cell, "vocab": label, **measure_tau(target, draft, prompts, max_new_tokens)})
+            if vocab_sizes:
+                draft.set_draft_vocabulary(own)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| domain | context | tau | rounds | prompts |", "|---|---|---|---|---|"]
-    lines += [f"| {r['domain']} | {r['context']} | skipped: {r['skipped']} | | |" if "skipped" in r else
-              f"| {r['domain']} | {r['context']} | {r['tau']:.2f} | {r['rounds']} | {r['prompts']} |" for r in rows]
+    lines = ["| domain | context | draft vocabulary | tau | draft ms/round | rounds | prompts |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
+              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['tau']:.2f} | {r['draft_ms_per_round']:.1f} | "
+              f"{r['rounds']} | {r['prompts']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -106,7 +146,8 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     if getattr(args, "prompt_lookup", None) is not None:
         draft.generation_config.prompt_lookup_num_tokens = args.prompt_lookup
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
-    rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts)
+    rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts,
+                    getattr(args, "draft_vocab_sizes", None))
     lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
     print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
           f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
