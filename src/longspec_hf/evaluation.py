@@ -85,8 +85,8 @@ def draft_vocabularies(draft, sizes: list[int] | None) -> list[tuple[str, torch.
         elif own is None or size > len(own):
             have = "none" if own is None else f"{len(own)} tokens"
             raise ValueError(f"--draft-vocab-sizes {size}: the draft's ranked vocabulary has {have}; sizes are "
-                             "prefixes of it (0 = the whole vocabulary). Train with --draft-vocab-size, or rank one with "
-                             "draft.set_draft_vocabulary(ranked_vocabulary(...)).")
+                             "prefixes of it (0 = the whole vocabulary). Train with --draft-vocab-size, or rank one "
+                             "with draft.set_draft_vocabulary(ranked_vocabulary(...)).")
         else:
             chosen.append((str(size), own[:size]))
     return chosen
