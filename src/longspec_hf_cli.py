@@ -1,4 +1,5 @@
-"""`longspec` command line: `train`, `eval`, `bench`, `cost`, `convert` and `push`.
+"""`longspec` command line: `train`, `eval`, `generate-data`, `bench`, `cost`, `convert`, `push`, `throughput` and
+`families`.
 
 This module imports neither torch nor transformers, nor `longspec_hf` itself (whose import registers the attention
 function and the generate() hook with transformers, seconds of work): `longspec --help` and `longspec <cmd> --help`
@@ -280,6 +281,18 @@ def add_families_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one row per outcome and reason (the README's table) instead of one per family")
 
 
+def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="offline:smollm2", help="target model id, folder or offline name")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
+    parser.add_argument("--draft", default=None, help="draft folder (default: a fresh draft for the target)")
+    parser.add_argument("--data", default="python-stdlib:train", help="text to cut the sequences from")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[0, 8192],
+                        help="draft vocabularies to time (0 = the whole vocabulary)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median counts)")
+
+
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)
 COMMANDS = {
     "train": ("train a draft for a causal LM (runs under accelerate launch)", add_train_arguments,
@@ -296,6 +309,8 @@ COMMANDS = {
                 "longspec_hf.cli:convert_command", False),
     "push": ("upload a saved draft with its card and custom_generate/ folder", add_push_arguments,
              "longspec_hf.cli:push_command", False),
+    "throughput": ("training tokens/s of the target forward and the draft step, fp32 against bf16, per draft "
+                   "vocabulary", add_throughput_arguments, "longspec_hf.training.throughput:throughput_cli", True),
     "families": ("which causal LMs of the installed transformers decode losslessly or are refused, on tiny random "
                  "models: the support table", add_families_arguments, "longspec_hf.families:families_command", True),
 }

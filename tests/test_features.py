@@ -69,3 +69,13 @@ def test_training_from_features_learns_and_reuses_the_store(workspace, tmp_path)
     stamps = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     train(config(workspace, tmp_path / "b", features=str(features), max_steps=2), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == stamps  # read, not captured again
+
+
+def test_throughput_command_times_every_part_in_both_precisions(capsys):
+    import longspec_hf_cli
+
+    longspec_hf_cli.main(["throughput", "--target", "toy:llama", "--seq-len", "32", "--vocab-sizes", "0", "16",
+                          "--repeats", "1"])
+    out = capsys.readouterr().out
+    for part in ("target forward (capture)", "draft step, whole vocabulary", "draft step, 16-token vocabulary"):
+        assert f"| {part} |" in out

@@ -182,3 +182,39 @@ def test_resumed_recipe_skips_finished_stages(workspace, tmp_path):
     cli(args + ["--resume"])
     assert (out / "stage-0" / "model.safetensors").stat().st_mtime_ns == finished[out / "stage-0" / "model.safetensors"]
     assert (out / "stage-1" / "model.safetensors").exists()
+
+
+def launch(workspace, out, processes: int, **flags) -> None:
+    """`longspec train` on `processes` CPU processes under `accelerate launch` (gloo), or plainly for 1."""
+    import subprocess
+    import sys
+
+    values = dict(target=workspace / "target", data=workspace / "corpus.txt", output_dir=out, seq_len=64,
+                  window_size=16, sink_size=2, lr=3e-3, warmup_steps=2, seed=1, **flags)
+    args = [item for k, v in values.items() for item in (f"--{k.replace('_', '-')}", str(v)) if v is not True]
+    args += [f"--{k.replace('_', '-')}" for k, v in values.items() if v is True]
+    launcher = [sys.executable, "-m", "longspec_hf_cli"] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "longspec_hf_cli"]
+    subprocess.run([*launcher, "train", *args], check=True, capture_output=True, timeout=600)
+
+
+def test_two_processes_train_what_one_does_and_resume_across_process_counts(workspace, tmp_path):
+    """2 processes x 1 row = 1 process x 2 rows: the same rows, lags and positions, gradients averaged by DDP; a
+    checkpoint written by 2 processes resumes on 1."""
+    from safetensors.torch import load_file
+
+    launch(workspace, tmp_path / "one", 1, batch_size=2, max_steps=6)
+    launch(workspace, tmp_path / "two", 2, batch_size=1, max_steps=6, save_every=3)
+    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+    # Resume the 2-process run's step-3 checkpoint on one process.
+    shutil.copytree(tmp_path / "two" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    launch(workspace, tmp_path / "resumed", 1, batch_size=2, max_steps=6, resume=True)
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(resumed[name], one[name], rtol=0, atol=1e-5)

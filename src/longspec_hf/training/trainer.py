@@ -125,7 +125,9 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         raise ValueError(f"--seq-len {config.seq_len} is shorter than the lag ({config.lag_max}) + 2; use longer "
                          "sequences or a smaller --lag-max.")
     out = prepare_output_dir(config)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+    # Without an accelerator device, processes started by `accelerate launch` / torchrun train on the CPU with gloo
+    # (accelerate only forms a CPU process group when told it runs on the CPU).
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.accelerator.is_available(),
                               mixed_precision="bf16" if config.dtype == "bf16" else "no")
     store = data = loss_mask = None
     if config.features:
@@ -154,7 +156,12 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     if config.draft_vocab_size:
         apply_draft_vocabulary(draft, config, store, target, data)
     draft.to(accelerator.device).train()
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # The cross-attention reads the target's keys and values: its own k/v projections (kept for the official
+    # layout) get no gradient, which distributed data parallel would otherwise wait for.
+    draft.cross_attn.k_proj.requires_grad_(False)
+    draft.cross_attn.v_proj.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
     draft_model, optimizer = accelerator.prepare(draft, optimizer)
@@ -188,10 +195,12 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             # The same rows (the permutation depends on the index only): which of their tokens are scored.
             mask = None if loss_mask is None else micro_batch(loss_mask, config, index, accelerator.process_index,
                                                               accelerator.num_processes).to(accelerator.device)
+            # Drawn for the whole global micro-batch, this process's rows taken: the same positions per row
+            # whatever the number of processes.
             positions = torch.stack([
                 anchor_offset_positions(config.seq_len, max_positions, gen, config.max_anchor, config.long_threshold)
-                for _ in range(ids.shape[0])
-            ])
+                for _ in range(config.batch_size * accelerator.num_processes)
+            ])[accelerator.process_index * config.batch_size:][: config.batch_size]
             ids, positions = ids.to(accelerator.device), positions.to(accelerator.device)
             with accelerator.accumulate(draft_model), accelerator.autocast():
                 loss = draft_loss(draft_model, target, ids, positions, lag, config.loss, mask, config.prompt_weight)
@@ -199,6 +208,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             tokens += ids.numel() * accelerator.num_processes
         bar.update(1)
         tokens_per_s = tokens / (time.perf_counter() - t0)
+        loss = accelerator.reduce(loss.detach(), "mean")  # the step's loss over every process's rows
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
         if accelerator.is_main_process:
             log_step(out, {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
