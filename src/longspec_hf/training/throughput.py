@@ -54,10 +54,12 @@ def measure(target_fp32, target_bf16, draft, input_ids: torch.LongTensor, vocab_
     results = []
     targets = {"fp32": target_fp32, "bf16": target_bf16}
     for precision in ("fp32", "bf16", "fp32", "bf16"):  # alternated: both see the same machine state
-        seconds = timed(lambda: capture_rows(targets[precision], input_ids, positions, top_k, torch.bfloat16), repeats)
+        model = targets[precision]
+        seconds = timed(lambda model=model: capture_rows(model, input_ids, positions, top_k, torch.bfloat16), repeats)
         results.append({"part": "target forward (capture)", "precision": precision, "tokens_per_s": tokens / seconds})
     rows = capture_rows(target_fp32, input_ids, positions, top_k, torch.float32)
-    rows |= {"input_ids": input_ids, "position_ids": positions, "loss_mask": torch.ones_like(input_ids, dtype=torch.bool)}
+    rows |= {"input_ids": input_ids, "position_ids": positions,
+             "loss_mask": torch.ones_like(input_ids, dtype=torch.bool)}
     ranking = draft.draft_vocab
     for size in vocab_sizes:
         draft.set_draft_vocabulary(None if size == 0 else ranking[:size])
