@@ -1,5 +1,5 @@
-"""`longspec` command line: `train`, `eval`, `generate-data`, `bench`, `cost`, `convert`, `push`, `throughput` and
-`families`.
+"""`longspec` command line: `train`, `eval`, `generate-data`, `bench`, `cost`, `convert`, `push`, `promote`,
+`throughput` and `families`.
 
 This module imports neither torch nor transformers, nor `longspec_hf` itself (whose import registers the attention
 function and the generate() hook with transformers, seconds of work): `longspec --help` and `longspec <cmd> --help`
@@ -293,6 +293,20 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median counts)")
 
 
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="target model id, folder or offline name")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --target, if the target is a GGUF")
+    parser.add_argument("--candidate", required=True, help="folder of a finished `longspec train` run")
+    parser.add_argument("--draft", required=True, help="the kept draft's folder (replaced only by a better candidate)")
+    parser.add_argument("--domain", action="append", required=True, metavar="NAME=SOURCE",
+                        help="held-out text to measure on, e.g. stdlib=python-stdlib:heldout (repeatable)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048], help="prompt lengths")
+    parser.add_argument("--tree-shape", nargs="+", default=["1", "1", "1"], metavar="W",
+                        help="tree the drafts are measured with (draft alone, no prompt-lookup branch)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
+
+
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)
 COMMANDS = {
     "train": ("train a draft for a causal LM (runs under accelerate launch)", add_train_arguments,
@@ -309,6 +323,8 @@ COMMANDS = {
                 "longspec_hf.cli:convert_command", False),
     "push": ("upload a saved draft with its card and custom_generate/ folder", add_push_arguments,
              "longspec_hf.cli:push_command", False),
+    "promote": ("keep a newly trained draft only if its held-out tau beats the current one; record the run in its "
+                "card", add_promote_arguments, "longspec_hf.training.history:promote_cli", True),
     "throughput": ("training tokens/s of the target forward and the draft step, fp32 against bf16, per draft "
                    "vocabulary", add_throughput_arguments, "longspec_hf.training.throughput:throughput_cli", True),
     "families": ("which causal LMs of the installed transformers decode losslessly or are refused, on tiny random "

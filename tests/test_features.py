@@ -79,3 +79,32 @@ def test_throughput_command_times_every_part_in_both_precisions(capsys):
     out = capsys.readouterr().out
     for part in ("target forward (capture)", "draft step, whole vocabulary", "draft step, 16-token vocabulary"):
         assert f"| {part} |" in out
+
+
+def test_promote_keeps_only_a_better_draft_and_records_every_run(workspace, tmp_path):  # noqa: F811
+    """A trained candidate replaces an untrained draft; a worse one (untrained) is recorded but not kept."""
+    from longspec_hf.loading import load_causal_lm
+    from longspec_hf.training.history import HISTORY, PLOT, promote, read_history
+
+    target, tokenizer = load_causal_lm(str(workspace / "target"))
+    kept_folder = tmp_path / "kept"
+    untrained = tmp_path / "untrained"
+    train(config(workspace, untrained, max_steps=1, lr=1e-9), progress=False)
+    train(config(workspace, tmp_path / "good", max_steps=60), progress=False)
+    domains = {"held": str(workspace / "corpus.txt")}
+    args = dict(domains=domains, contexts=[32], tree_shape=[1, 1, 1], max_new_tokens=12, prompts=4)
+    kept, _, _ = promote(target, tokenizer, untrained, kept_folder, **args)  # nothing kept yet: kept
+    assert kept
+    kept, new, old = promote(target, tokenizer, tmp_path / "good", kept_folder, **args)
+    assert kept and sum(r["tau"] for r in new) > sum(r["tau"] for r in old)
+    kept, _, _ = promote(target, tokenizer, untrained, kept_folder, **args)
+    assert not kept
+    history = read_history(kept_folder)
+    assert [h["kept"] for h in history] == [True, True, False]
+    assert history[1]["cumulative_tokens"] == history[0]["run"]["tokens"] + history[1]["run"]["tokens"]
+    assert (kept_folder / HISTORY).exists() and (kept_folder / PLOT).stat().st_size > 0
+    card = (kept_folder / "README.md").read_text()
+    assert "## Training history" in card and card.count("| yes |") == 2
+    weights = LongSpecDraftModel.from_pretrained(kept_folder).state_dict()
+    good = LongSpecDraftModel.from_pretrained(tmp_path / "good").state_dict()
+    assert all(torch.equal(weights[k], good[k]) for k in good)

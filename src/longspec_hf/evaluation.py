@@ -57,7 +57,9 @@ def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: 
     try:
         for ids in prompts:
             start = time.perf_counter()
-            target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=max_new_tokens)
+            # A window of real text has no padding, whatever ids it holds (a pad id may be a real token there).
+            target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, do_sample=False,
+                            max_new_tokens=max_new_tokens)
             seconds += time.perf_counter() - start
             rounds += draft.stats.rounds
             accepted += draft.stats.accepted_tokens

@@ -172,8 +172,9 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         state = LongSpecDraftModel.from_pretrained(checkpoint).state_dict()
         accelerator.unwrap_model(draft_model).load_state_dict(state)
         start = load_training_state(checkpoint, optimizer, scheduler)["step"]
+    earlier_seconds = 0.0  # of the interrupted run this one resumes (the log's time is the run's, not the sitting's)
     if accelerator.is_main_process:
-        trim_log(out, start)
+        earlier_seconds = trim_log(out, start)
 
     bar = tqdm(total=config.max_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
                desc="train draft")
@@ -212,7 +213,10 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
         if accelerator.is_main_process:
             log_step(out, {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": round(tokens_per_s, 1)})
+                           "tokens_per_s": round(tokens_per_s, 1),
+                           "tokens": (step + 1) * config.grad_accum * config.batch_size * config.seq_len
+                           * accelerator.num_processes,
+                           "seconds": round(earlier_seconds + time.perf_counter() - t0, 1)})
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
             save_checkpoint(accelerator, draft_model, optimizer, scheduler, out / f"checkpoint-{step + 1}", step + 1,
                             config)
@@ -241,12 +245,15 @@ def log_step(out: Path, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
-def trim_log(out: Path, step: int) -> None:
-    """Drop logged steps after `step`: an interrupted run logged steps that the resumed run will redo."""
+def trim_log(out: Path, step: int) -> float:
+    """Drop logged steps after `step` (an interrupted run logged steps that the resumed run will redo); returns the
+    seconds the run had taken up to `step`."""
     log = out / "train_log.jsonl"
-    if log.exists():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in kept))
+    if not log.exists():
+        return 0.0
+    kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+    log.write_text("".join(line + "\n" for line in kept))
+    return json.loads(kept[-1]).get("seconds", 0.0) if kept else 0.0
 
 
 def save_checkpoint(accelerator, draft_model, optimizer, scheduler, folder: Path, step: int, config) -> None:

@@ -1,0 +1,155 @@
+"""A draft's training history across runs, and `longspec promote`: keep a new draft only if it accepts more.
+
+Training a draft on a small machine spans many sittings: each run continues from the draft committed last
+(``--init-draft``). `longspec promote` measures the candidate and the current draft on the same held-out prompts and
+replaces the current one only if the candidate's tau is higher, appending the run to ``training_history.json`` in the
+draft's folder: the run's tokens and seconds, its settings, and tau per held-out cell. The card shows that history as
+a table and ``tau_vs_tokens.png``, the plot of tau against the draft's cumulative training tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+HISTORY = "training_history.json"
+PLOT = "tau_vs_tokens.png"
+SECTION = "## Training history"
+# What identifies a run's data and recipe in the history (the rest of training_args.json is in the run's folder).
+RECORDED = ("data", "features", "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "dtype", "draft_vocab_size",
+            "prompt_weight", "loss", "lag_min", "lag_max")
+
+
+def read_history(folder: str | Path) -> list[dict]:
+    path = Path(folder) / HISTORY
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def run_summary(run: str | Path) -> dict:
+    """Tokens, seconds and settings of a finished `longspec train` run (its train_log.jsonl and training_args.json)."""
+    run = Path(run)
+    args = json.loads((run / "training_args.json").read_text())
+    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    return {"tokens": last["tokens"], "seconds": round(last["seconds"]), "steps": last["step"],
+            "settings": {k: args.get(k) for k in RECORDED}}
+
+
+def cell_name(row: dict) -> str:
+    return f"{row['domain']}@{row['context']}"
+
+
+def mean_tau(rows: list[dict]) -> float:
+    taus = [r["tau"] for r in rows if "tau" in r]
+    return sum(taus) / len(taus)
+
+
+def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool) -> list[dict]:
+    before = sum(h["run"]["tokens"] for h in history if h["kept"])
+    entry = {"date": datetime.date.today().isoformat(), "run": run, "kept": kept,
+             "cumulative_tokens": before + run["tokens"],
+             "tau": {cell_name(r): round(r["tau"], 3) for r in tau_rows if "tau" in r}}
+    return [*history, entry]
+
+
+def history_table(history: list[dict]) -> str:
+    cells = list(dict.fromkeys(c for h in history for c in h["tau"]))
+    lines = ["| run | date | tokens | cumulative tokens | time | kept | " + " | ".join(f"tau {c}" for c in cells) + " |",
+             "|---" * (6 + len(cells)) + "|"]
+    for i, h in enumerate(history):
+        seconds = h["run"].get("seconds")
+        time_text = f"{seconds / 60:.0f} min" if seconds else "-"
+        taus = " | ".join(f"{h['tau'][c]:.2f}" if c in h["tau"] else "" for c in cells)
+        lines.append(f"| {i} | {h['date']} | {h['run']['tokens']:,} | {h['cumulative_tokens']:,} | {time_text} | "
+                     f"{'yes' if h['kept'] else 'no'} | {taus} |")
+    return "\n".join(lines)
+
+
+def plot_history(history: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys(c for h in history for c in h["tau"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cell in cells:
+        points = [(h["cumulative_tokens"], h["tau"][cell]) for h in history if cell in h["tau"]]
+        ax.plot(*zip(*points, strict=True), marker="o", label=cell)
+    ax.set_xlabel("training tokens (cumulative)")
+    ax.set_ylabel("tau (tokens per target forward)")
+    ax.set_title("held-out tau against training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def update_card(folder: Path, history: list[dict], setting: str) -> None:
+    """Replace (or append) the card's training-history section: the table, the plot, how tau was measured."""
+    readme = folder / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    section = (f"{SECTION}\n\nEach run continued from the draft kept before it; a run is kept only if its held-out "
+               f"tau is higher ({setting}). Written by `longspec promote`.\n\n{history_table(history)}\n\n"
+               f"![tau against training tokens]({PLOT})\n")
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    else:
+        text = text.rstrip() + "\n\n" + section
+    readme.write_text(text)
+
+
+def promote(target, tokenizer, candidate: str | Path, current: str | Path, domains: dict, contexts: list[int],
+            tree_shape, max_new_tokens: int, prompts: int) -> tuple[bool, list[dict], list[dict]]:
+    """Measure both drafts on the same prompts (draft alone: no prompt-lookup branch); copy the candidate's
+    weights and config over the current draft if its mean tau is higher, and record the run either way."""
+    from ..evaluation import evaluate
+    from ..modeling import LongSpecDraftModel
+
+    def measured(folder):
+        draft = LongSpecDraftModel.from_pretrained(folder)
+        draft.generation_config.tree_shape = tree_shape
+        draft.generation_config.prompt_lookup_num_tokens = None
+        return evaluate(target, draft, tokenizer, domains, contexts, max_new_tokens, prompts)
+
+    current, candidate = Path(current), Path(candidate)
+    new_rows = measured(candidate)
+    old_rows = measured(current) if (current / "model.safetensors").exists() else []
+    kept = not old_rows or mean_tau(new_rows) > mean_tau(old_rows)
+    history = read_history(current)
+    if not history and old_rows:  # the draft before any recorded run: its tau is the starting point
+        history = [{"date": datetime.date.today().isoformat(), "run": {"tokens": 0, "seconds": None, "steps": 0,
+                                                                       "settings": {}},
+                    "kept": True, "cumulative_tokens": 0, "tau": {cell_name(r): round(r["tau"], 3) for r in old_rows}}]
+    history = record(history, run_summary(candidate), new_rows, kept)
+    if kept:
+        current.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(candidate / name, current / name)
+    (current / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+    plot_history(history, current / PLOT)
+    update_card(current, history, f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, "
+                f"draft alone, greedy, {prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
+                f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
+    return kept, new_rows, old_rows
+
+
+def promote_cli(args: argparse.Namespace) -> None:
+    from ..evaluation import markdown_table
+    from ..loading import load_causal_lm
+    from ..tree import tree_setting
+
+    target, tokenizer = load_causal_lm(args.target, args.gguf_file)
+    domains = dict(d.split("=", 1) for d in args.domain)
+    kept, new_rows, old_rows = promote(target, tokenizer, args.candidate, args.draft, domains, args.contexts,
+                                       tree_setting(",".join(args.tree_shape)), args.max_new_tokens, args.prompts)
+    print("candidate:\n" + markdown_table(new_rows))
+    if old_rows:
+        print("current:\n" + markdown_table(old_rows))
+    print(f"{'kept: the candidate replaces' if kept else 'not kept: the candidate does not beat'} {args.draft} "
+          f"(mean tau {mean_tau(new_rows):.3f}{f' vs {mean_tau(old_rows):.3f}' if old_rows else ''})")
