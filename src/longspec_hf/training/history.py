@@ -56,7 +56,8 @@ def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool) -> 
 
 def history_table(history: list[dict]) -> str:
     cells = list(dict.fromkeys(c for h in history for c in h["tau"]))
-    lines = ["| run | date | tokens | cumulative tokens | time | kept | " + " | ".join(f"tau {c}" for c in cells) + " |",
+    head = "| run | date | tokens | cumulative tokens | time | kept | "
+    lines = [head + " | ".join(f"tau {c}" for c in cells) + " |",
              "|---" * (6 + len(cells)) + "|"]
     for i, h in enumerate(history):
         seconds = h["run"].get("seconds")
