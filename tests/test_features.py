@@ -66,6 +66,7 @@ def test_training_from_features_learns_and_reuses_the_store(workspace, tmp_path)
     assert first.config.draft_vocab_size == 48
     loaded = LongSpecDraftModel.from_pretrained(tmp_path / "a")
     assert torch.equal(loaded.draft_vocab, first.draft_vocab)
+    assert len(FeatureStore(features)) == 71  # every packed row of the corpus (4,200 words, 64 per row, with EOS)
     stamps = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     train(config(workspace, tmp_path / "b", features=str(features), max_steps=2), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == stamps  # read, not captured again
@@ -108,3 +109,10 @@ def test_promote_keeps_only_a_better_draft_and_records_every_run(workspace, tmp_
     weights = LongSpecDraftModel.from_pretrained(kept_folder).state_dict()
     good = LongSpecDraftModel.from_pretrained(tmp_path / "good").state_dict()
     assert all(torch.equal(weights[k], good[k]) for k in good)
+
+
+def test_max_sequences_samples_the_plain_text(workspace, tmp_path):  # noqa: F811
+    train(config(workspace, tmp_path / "run", features=str(tmp_path / "f"), max_steps=1, max_sequences=5),
+          progress=False)
+    store = FeatureStore(tmp_path / "f")
+    assert len(store) == 5 and store.manifest["settings"]["max_sequences"] == 5

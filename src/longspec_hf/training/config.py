@@ -45,6 +45,9 @@ class TrainConfig:
     # Train from a feature store in this folder (the target's last-layer KV and top-k next-token log-probs, captured
     # from --data once, then read every epoch) instead of a target forward per step. Captured if missing.
     features: str | None = None
+    # At most this many sequences of plain text, a seeded sample of what --data gives (generated: rows are all kept),
+    # e.g. what a feature store should hold.
+    max_sequences: int | None = None
     top_k: int = 32
     capture_dtype: str = "bf16"
     # Score only the target's N most frequent next tokens (LM-head rows) in the draft; None: the whole vocabulary.

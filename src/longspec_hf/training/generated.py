@@ -328,18 +328,28 @@ def generated_sequences(source: str, target, tokenizer, seq_len: int, text_colum
 
 
 def training_sequences(sources: list[str], target, tokenizer, seq_len: int, text_column: str = "text",
-                       progress: bool = True) -> tuple[torch.LongTensor, torch.Tensor | None]:
+                       progress: bool = True, max_plain: int | None = None,
+                       seed: int = 0) -> tuple[torch.LongTensor, torch.Tensor | None]:
     """All training sequences `[N, seq_len]` of a run and their loss mask: text sources packed as ever (every token
-    scored), ``generated:`` sources from the target's continuations. The mask is None when nothing is masked, so
-    plain-text runs train exactly as before."""
+    scored; at most `max_plain` of them, a sample seeded by `seed`), ``generated:`` sources from the target's
+    continuations. The mask is None when nothing is masked, so plain-text runs train exactly as before."""
     plain = [s for s in sources if not s.startswith(GENERATED_PREFIX)]
-    parts = [(pack(load_texts(plain, text_column), tokenizer, seq_len), None)] if plain else []
+    parts = [(sample_rows(pack(load_texts(plain, text_column), tokenizer, seq_len), max_plain, seed), None)] if plain \
+        else []
     parts += [generated_sequences(s, target, tokenizer, seq_len, text_column, progress)
               for s in sources if s.startswith(GENERATED_PREFIX)]
     ids = torch.cat([p[0] for p in parts])
     if all(p[1] is None for p in parts):
         return ids, None
     return ids, torch.cat([torch.ones_like(p[0], dtype=torch.bool) if p[1] is None else p[1] for p in parts])
+
+
+def sample_rows(rows: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """At most `count` of `rows`, a seeded sample kept in order (all of them when `count` is None)."""
+    if count is None or count >= len(rows):
+        return rows
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count]
+    return rows[keep.sort().values]
 
 
 def generate_data_cli(args) -> None:

@@ -54,9 +54,10 @@ def prepare_features(config: TrainConfig, accelerator, progress: bool):
             target, tokenizer = load_target(config, config.capture_dtype)
             target.to(accelerator.device)
             data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
-                                                 progress)  # [N, L], [N, L] | None
+                                                 progress, config.max_sequences, config.seed)  # [N, L], [N, L]
             max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
             settings = {"data": config.data, "seq_len": config.seq_len, "top_k": config.top_k,
+                        "max_sequences": config.max_sequences,
                         "capture_dtype": config.capture_dtype, "seed": config.seed, "max_anchor": config.max_anchor,
                         "long_threshold": config.long_threshold, "text_column": config.text_column}
             key = hashlib.sha256(json.dumps([weights_fingerprint(target), settings], sort_keys=True).encode())
@@ -143,7 +144,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
         with accelerator.main_process_first():  # one process writes the target's continuations (generated:)
             data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
-                                                 progress and accelerator.is_local_main_process)  # [N, L], [N, L]
+                                                 progress and accelerator.is_local_main_process,
+                                                 config.max_sequences, config.seed)  # [N, L], [N, L] | None
 
     torch.manual_seed(config.seed)
     if config.init_draft:
