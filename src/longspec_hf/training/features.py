@@ -10,8 +10,9 @@ A store is a folder::
 
     manifest.json              what was captured (target fingerprint, data, sequence length, top-k) and the row count
     shard-00000.safetensors    rows [0, S): input_ids, position_ids [S, L] int32, loss_mask [S, L] uint8,
-                               key, value [S, Hkv, L, D] and top_logprobs [S, L, k] in the capture dtype,
-                               top_ids [S, L, k] int32 — the target's k most likely next tokens and their log-probs
+                               key, value [S, Hkv, L, D] and top_logprobs [S, L, k] in fp16 (half the bytes of
+                               fp32, more mantissa than bf16; read back as fp32), top_ids [S, L, k] int32 — the
+                               target's k most likely next tokens and their log-probs
 
 Shards are written whole (to a temporary name, then renamed), so an interrupted capture resumes at the first
 missing shard; a manifest made for another target or other settings is refused rather than mixed in.
@@ -61,7 +62,7 @@ def check_manifest(folder: Path, manifest: dict) -> None:
 
 def capture_features(target, input_ids: torch.LongTensor, position_ids: torch.LongTensor,
                      loss_mask: torch.Tensor | None, folder: str | Path, settings: dict, key: str, top_k: int = 32,
-                     dtype: str = "bf16", rows_per_shard: int = 16, batch_size: int = 1,
+                     dtype: str = "fp16", rows_per_shard: int = 16, batch_size: int = 1,
                      progress: bool = True) -> FeatureStore:
     """Capture the features of the sequences `input_ids [N, L]` at `position_ids [N, L]` into `folder`, skipping
     shards already there; `settings` (JSON) and `key` (their digest with the target's) identify the capture."""

@@ -29,10 +29,15 @@ def read_history(folder: str | Path) -> list[dict]:
 
 
 def run_summary(run: str | Path) -> dict:
-    """Tokens, seconds and settings of a finished `longspec train` run (its train_log.jsonl and training_args.json)."""
+    """Tokens, seconds and settings of a `longspec train` run (its train_log.jsonl and training_args.json), or of
+    one of its `checkpoint-N/` folders (the run's log up to step N)."""
     run = Path(run)
-    args = json.loads((run / "training_args.json").read_text())
-    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    folder, step = run, None
+    if run.name.startswith("checkpoint-") and not (run / "train_log.jsonl").exists():
+        folder, step = run.parent, int(run.name.split("-")[1])
+    args = json.loads((folder / "training_args.json").read_text())
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in log if step is None or r["step"] <= step][-1]
     return {"tokens": last["tokens"], "seconds": round(last["seconds"]), "steps": last["step"],
             "settings": {k: args.get(k) for k in RECORDED}}
 

@@ -62,7 +62,7 @@ def prepare_features(config: TrainConfig, accelerator, progress: bool):
                         "long_threshold": config.long_threshold, "text_column": config.text_column}
             key = hashlib.sha256(json.dumps([weights_fingerprint(target), settings], sort_keys=True).encode())
             capture_features(target, data, sequence_positions(config, len(data), max_positions), loss_mask,
-                             config.features, settings, key.hexdigest()[:16], config.top_k, config.capture_dtype,
+                             config.features, settings, key.hexdigest()[:16], config.top_k,
                              batch_size=config.batch_size, progress=progress)
             del target
         return FeatureStore(config.features)
@@ -177,6 +177,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     earlier_seconds = 0.0  # of the interrupted run this one resumes (the log's time is the run's, not the sitting's)
     if accelerator.is_main_process:
         earlier_seconds = trim_log(out, start)
+        (out / "training_args.json").write_text(json.dumps(asdict(config), indent=2))  # readable while it runs
 
     bar = tqdm(total=config.max_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
                desc="train draft")
@@ -285,6 +286,7 @@ def run_recipe(base: TrainConfig, stages: list[dict], progress: bool = True) -> 
 def finished_stage(config: TrainConfig) -> LongSpecDraftModel | None:
     """The draft a finished run of `config` saved, or None if it did not finish (or was run with other steps)."""
     args = Path(config.output_dir) / "training_args.json"
-    if not args.exists() or json.loads(args.read_text()).get("max_steps") != config.max_steps:
+    finished = (Path(config.output_dir) / "model.safetensors").exists()  # the final save; checkpoints are below
+    if not finished or not args.exists() or json.loads(args.read_text()).get("max_steps") != config.max_steps:
         return None
     return LongSpecDraftModel.from_pretrained(config.output_dir)
