@@ -80,6 +80,12 @@ def apply_draft_vocabulary(draft: LongSpecDraftModel, config: TrainConfig, store
     draft.set_draft_vocabulary(ranked_vocabulary(counts, config.draft_vocab_size, always))
 
 
+def has_accelerator() -> bool:
+    """A GPU (or other accelerator) torch can use; `torch.accelerator` exists from torch 2.6 on."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -128,7 +134,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     out = prepare_output_dir(config)
     # Without an accelerator device, processes started by `accelerate launch` / torchrun train on the CPU with gloo
     # (accelerate only forms a CPU process group when told it runs on the CPU).
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.accelerator.is_available(),
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not has_accelerator(),
                               mixed_precision="bf16" if config.dtype == "bf16" else "no")
     store = data = loss_mask = None
     if config.features:
