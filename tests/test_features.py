@@ -116,3 +116,15 @@ def test_max_sequences_samples_the_plain_text(workspace, tmp_path):  # noqa: F81
           progress=False)
     store = FeatureStore(tmp_path / "f")
     assert len(store) == 5 and store.manifest["settings"]["max_sequences"] == 5
+
+
+def test_a_checkpoint_of_a_run_is_summarised_up_to_its_step(tmp_path):
+    from longspec_hf.training.history import run_summary
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "training_args.json").write_text(json.dumps({"seq_len": 8, "lr": 0.1}))
+    (tmp_path / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1.0, "tokens": 32 * s, "seconds": 1.5 * s, "tokens_per_s": 20}) + "\n"
+        for s in (1, 2, 3)))
+    assert run_summary(tmp_path / "checkpoint-2")["tokens"] == 64
+    assert run_summary(tmp_path)["tokens"] == 96 and run_summary(tmp_path)["settings"]["lr"] == 0.1
