@@ -19,12 +19,12 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 from longspec_hf import LongSpecDraftModel
-from longspec_hf.checkpoints import CorruptCheckpointError, convert_official_checkpoint
+from longspec_hf.checkpoints import CorruptCheckpointError
 from longspec_hf.cli import main as cli
 
 CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "compiled",
-                "configuration", "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "specpv",
-                "support", "timing", "tree", "verify", "vocabulary"}
+                "configuration", "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "probe",
+                "specpv", "support", "timing", "tree", "verify", "vocabulary"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:
@@ -247,7 +247,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     write_official_checkpoint(tmp_path / "official", draft, "llama", weights_file="pytorch_model.bin")
     weights = {k: v.contiguous() for k, v in draft.state_dict().items()}
     torch.save({**weights, "extra": RunsCode(marker)}, tmp_path / "official" / "pytorch_model.bin")
-    for load in (LongSpecDraftModel.from_pretrained, lambda path: convert_official_checkpoint(path, tmp_path / "out")):
+    for load in (LongSpecDraftModel.from_pretrained, lambda path: LongSpecDraftModel.convert_official(path, tmp_path / "out")):
         with pytest.raises(ValueError) as err:
             load(tmp_path / "official")
         message = str(err.value)
@@ -297,7 +297,7 @@ def test_official_checkpoint_with_foreign_tensors_is_refused(tmp_path):
     weights["lm_head.weight"] = torch.zeros(4, 4)
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="missing.*mlp.*unexpected.*lm_head"):
-        convert_official_checkpoint(tmp_path, tmp_path / "out")
+        LongSpecDraftModel.convert_official(tmp_path, tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -37,10 +37,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -54,6 +56,43 @@ _FLASH_HINT = (
     "tree_attn_backend='flash_attn' needs the flash-attn package (CUDA only): pip install 'longspec-hf[flash]', "
     "or use tree_attn_backend='auto'."
 )
+
+
+# ---------------------------------------------------------------------------------------- the verification switch
+
+_switch_lock = threading.Lock()
+_switched: dict[int, list] = {}  # id(config) -> [the user's implementation, verifications in flight]
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str):
+    """Select the attention function `name` for the duration of one forward, then restore the user's choice.
+
+    Only the verification forward switches, so prefill keeps the target's own (possibly faster) attention. The
+    setting lives on the model's shared config, so threads sharing one model are kept exact: the switch is counted
+    (the user's choice comes back when the last verification in flight ends), and any other forward that runs
+    meanwhile reaches the hybrid function without verification arguments, which calls the user's own implementation
+    (:func:`user_attention_implementation`) with a mask built for either (see ``attention.register_hybrid_attention``).
+    """
+    config = model.config.get_text_config(decoder=True)
+    with _switch_lock:
+        entry = _switched.setdefault(id(config), [config._attn_implementation, 0])
+        entry[1] += 1
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                config._attn_implementation = entry[0]
+                del _switched[id(config)]
+
+
+def user_attention_implementation(config) -> str | None:
+    """The implementation the user chose for `config` while a verification has switched it, else None."""
+    entry = _switched.get(id(config))
+    return None if entry is None else entry[0]
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -380,7 +419,6 @@ def check_attention_inputs(module, kwargs: dict, is_causal: bool | None) -> None
 def user_attention_function(module) -> Callable | None:
     """The attention function the user chose for `module`'s model, while a verification (in another thread) has
     switched its shared config to the hybrid one; None outside such a switch or for this function's own name."""
-    from .verify import user_attention_implementation
 
     config = getattr(module, "config", None)
     name = None if config is None else user_attention_implementation(config)

@@ -1,4 +1,6 @@
-"""Draft checkpoints on disk: integrity checks, and the official LongSpec layout.
+"""Draft checkpoints on disk and on the Hub: integrity checks, the official LongSpec layout, and the draft class's
+checkpoint methods (:class:`DraftCheckpointMixin`: `from_pretrained`, `save_pretrained`, `push_to_hub`,
+`convert_official`), kept out of the network's file.
 
 Two layouts are read:
 
@@ -21,13 +23,16 @@ import json
 import os
 import pickle
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.utils import cached_file
+
+from .configuration import LongSpecDraftConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -274,46 +279,112 @@ def official_state_dict(weights: dict[str, torch.Tensor], expected: set[str], so
     return renamed
 
 
-def convert_official_checkpoint(path_or_repo: str | os.PathLike, save_directory: str | os.PathLike, **hub) -> Path:
-    """Write an official LongSpec checkpoint (target-style config) in this project's `save_pretrained` layout.
+class DraftCheckpointMixin:
+    """Checkpoint I/O of a LongSpec draft class, kept apart from the network (`modeling.py`): `from_pretrained` with
+    official checkpoints converted on the fly and weights verified, `save_pretrained` with digests and a card,
+    `push_to_hub` with a `custom_generate/` folder, `convert_official`."""
 
-    Returns `save_directory`. The weights are copied unchanged, so the converted draft computes exactly the same
-    function; the config is rebuilt from the target-style config (geometry, RoPE) with the official 512-token window
-    and window rule, so the draft sees at inference what it was trained on.
-    """
-    from .configuration import LongSpecDraftConfig
-    from .modeling import LongSpecDraftModel
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> DraftCheckpointMixin:
+        """As `PreTrainedModel.from_pretrained` (``revision=``, ``dtype=``, ``device_map=``, offline cache, ...), plus:
 
-    source = str(path_or_repo)
-    check_source(path_or_repo, **hub)
-    config = read_json(resolve(path_or_repo, CONFIG_NAME, **hub))
-    if not is_official_config(config):
-        raise ValueError(
-            f"{source} is already in longspec-hf's layout; load it with LongSpecDraftModel.from_pretrained."
+        * the draft's tree settings (`generation_config.json`);
+        * official LongSpec checkpoints (target-style `config.json`, e.g. ``sail/longspec-Llama-3-8B-Instruct-262k``),
+          converted on the fly (see :mod:`longspec_hf.checkpoints`; ``longspec convert`` writes the result to disk);
+        * weights verified against the digests in `config.json` before use, read from safetensors only.
+        """
+        source = pretrained_model_name_or_path
+        hub = hub_kwargs(kwargs)
+        check_source(source, **hub)
+        config_path = None if "config" in kwargs else resolve(source, CONFIG_NAME, required=False, **hub)
+        if config_path is not None:
+            config = read_json(config_path)
+            if is_official_config(config):
+                rest = {k: v for k, v in kwargs.items() if k not in hub}
+                with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as converted:
+                    cls.convert_official(source, converted, **hub)
+                    draft = cls.from_pretrained(converted, *args, **rest)
+                draft.config._name_or_path = draft.name_or_path = str(source)
+                return draft
+            verify_weights(source, config, **hub)
+        kwargs["use_safetensors"] = True
+        draft = super().from_pretrained(source, *args, **kwargs)  # PreTrainedModel's, next in the draft's MRO
+        try:
+            draft.generation_config = GenerationConfig.from_pretrained(source, **hub)
+        except OSError:
+            pass  # no generation_config.json: keep the default tree
+        return draft
+
+    def save_pretrained(self, save_directory, *args, model_card=None, push_to_hub: bool = False, **kwargs):
+        """As `PreTrainedModel.save_pretrained` (weights only, safetensors), plus the tree settings, a digest of each
+        weights file in `config.json`, and a model card (`model_card`, else the one already in the folder, else one
+        rendered from ``hub_cards/``). ``push_to_hub=True`` then uploads the draft like :meth:`push_to_hub`."""
+        from .cards import draft_card
+
+        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr")
+                       if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        self.generation_config.save_pretrained(save_directory)
+        self.config.weights_sha256 = weights_digests(save_directory)
+        self.config.save_pretrained(save_directory)
+        readme = os.path.join(save_directory, "README.md")
+        if model_card is not None:
+            model_card.save(readme)
+        elif not os.path.isfile(readme):
+            draft_card(self).save(readme)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, model_card=model_card, **push_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card=None, custom_generate: bool = True, **kwargs):
+        """Upload the draft to `repo_id` in one commit: weights, config, tree settings, model card (`model_card`, else
+        rendered from ``hub_cards/``) and, unless ``custom_generate=False``, a `custom_generate/` folder so that plain
+        transformers can use it (`target.generate(ids, custom_generate=repo_id, trust_remote_code=True)`).
+        Other arguments as `PreTrainedModel.push_to_hub` (`private`, `token`, `revision`, `create_pr`, `tags`, ...)."""
+        from .hub import push_draft
+
+        return push_draft(self, repo_id, model_card=model_card, custom_generate=custom_generate, **kwargs)
+
+    @classmethod
+    def convert_official(cls, path_or_repo: str | os.PathLike, save_directory: str | os.PathLike, **hub) -> Path:
+        """Write an official LongSpec checkpoint (target-style config) in this project's `save_pretrained` layout.
+
+        Returns `save_directory`. The weights are copied unchanged, so the converted draft computes exactly the same
+        function; the config is rebuilt from the target-style config (geometry, RoPE) with the official 512-token window
+        and window rule, so the draft sees at inference what it was trained on.
+        """
+        source = str(path_or_repo)
+        check_source(path_or_repo, **hub)
+        config = read_json(resolve(path_or_repo, CONFIG_NAME, **hub))
+        if not is_official_config(config):
+            raise ValueError(
+                f"{source} is already in longspec-hf's layout; load it with LongSpecDraftModel.from_pretrained."
+            )
+        weights_path = official_weights_file(path_or_repo, **hub)
+        if weights_path is None:
+            raise OSError(
+                f"{source} has no draft weights: an official LongSpec checkpoint holds {WEIGHTS_NAME} (or the "
+                f"trainer's {PYTORCH_WEIGHTS_NAME} / *{PYTORCH_SUFFIX}) next to its config.json."
+            )
+        weights = load_official_weights(weights_path, source)
+        target_config = AutoConfig.from_pretrained(str(path_or_repo), **hub)
+        name = source.rstrip("/").split("/")[-1]
+        draft_config = LongSpecDraftConfig.from_target_config(
+            target_config,
+            sink_size=OFFICIAL_SINK_SIZE,
+            window_size=OFFICIAL_WINDOW_SIZE,
+            window_rule=OFFICIAL_WINDOW_RULE,
+            attention_bias=True,
+            target_name_or_path=OFFICIAL_TARGETS.get(name),
+            target_revision=None,
         )
-    weights_path = official_weights_file(path_or_repo, **hub)
-    if weights_path is None:
-        raise OSError(
-            f"{source} has no draft weights: an official LongSpec checkpoint holds {WEIGHTS_NAME} (or the trainer's "
-            f"{PYTORCH_WEIGHTS_NAME} / *{PYTORCH_SUFFIX}) next to its config.json."
-        )
-    weights = load_official_weights(weights_path, source)
-    target_config = AutoConfig.from_pretrained(str(path_or_repo), **hub)
-    name = source.rstrip("/").split("/")[-1]
-    draft_config = LongSpecDraftConfig.from_target_config(
-        target_config,
-        sink_size=OFFICIAL_SINK_SIZE,
-        window_size=OFFICIAL_WINDOW_SIZE,
-        window_rule=OFFICIAL_WINDOW_RULE,
-        attention_bias=True,
-        target_name_or_path=OFFICIAL_TARGETS.get(name),
-        target_revision=None,
-    )
-    with torch.device("meta"):
-        draft = LongSpecDraftModel(draft_config)
-    weights = official_state_dict(weights, set(draft.state_dict()), source)
-    draft.load_state_dict(weights, strict=True, assign=True)
-    dtype = next(iter(weights.values())).dtype
-    draft.config.dtype = dtype
-    draft.save_pretrained(save_directory)
-    return Path(save_directory)
+        with torch.device("meta"):
+            draft = cls(draft_config)
+        weights = official_state_dict(weights, set(draft.state_dict()), source)
+        draft.load_state_dict(weights, strict=True, assign=True)
+        dtype = next(iter(weights.values())).dtype
+        draft.config.dtype = dtype
+        draft.save_pretrained(save_directory)
+        return Path(save_directory)

@@ -44,13 +44,13 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> None:
-    from .checkpoints import convert_official_checkpoint
+    from .modeling import LongSpecDraftModel
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         sys.exit(f"longspec convert: {out} exists and is not empty; pass --overwrite or choose another folder")
     hub = {"revision": args.revision} if args.revision else {}
-    convert_official_checkpoint(args.checkpoint, out, **hub)
+    LongSpecDraftModel.convert_official(args.checkpoint, out, **hub)
     print(f"wrote {out} (longspec-hf layout); load it with LongSpecDraftModel.from_pretrained({str(out)!r})")
 
 

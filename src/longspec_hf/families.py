@@ -248,7 +248,7 @@ def check_family(model_type: str, prompt_length: int = 40, new_tokens: int = 12)
     """Build a tiny `model_type` and compare drafted greedy runs with plain greedy ``generate()``."""
     import longspec_hf  # noqa: F401  (routes generate(assistant_model=...))
 
-    from .support import check_supported_target
+    from .support import check_declared_support
 
     # Tiny tensors: intra-op threads only add overhead, which explodes when the cores are shared (--jobs).
     torch.set_num_threads(1)
@@ -260,7 +260,7 @@ def check_family(model_type: str, prompt_length: int = 40, new_tokens: int = 12)
     except Exception as err:  # noqa: BLE001 - any failure of the family's own code to build makes it unbuildable
         return FamilyResult(model_type, UNBUILDABLE, _first_line(err))
     try:  # what the family is, before whether a tiny one runs
-        check_supported_target(target, probe=False)
+        check_declared_support(target)
     except Exception as err:  # noqa: BLE001
         if is_refusal(err):
             return FamilyResult(model_type, REFUSED, str(err).strip().splitlines()[0])

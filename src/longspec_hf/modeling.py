@@ -20,7 +20,6 @@ import functools
 import inspect
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,20 +32,11 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 
 from .cache import SinkWindowCache, sink_window_slots
-from .checkpoints import (
-    CONFIG_NAME,
-    check_source,
-    convert_official_checkpoint,
-    hub_kwargs,
-    is_official_config,
-    read_json,
-    resolve,
-    verify_weights,
-    weights_digests,
-)
+from .checkpoints import DraftCheckpointMixin
 from .configuration import BINDING_ATTRIBUTES, SPECIAL_TOKENS, LongSpecDraftConfig, last_layer_view
 from .drafting import Drafter, DraftState, target_last_layer_kv
-from .support import UnsupportedTargetError, check_supported_target, last_layer_kv_geometry
+from .probe import check_supported_target, last_layer_kv_geometry
+from .support import UnsupportedTargetError
 from .tree import (
     AUTO,
     DraftTree,
@@ -288,7 +278,7 @@ def find_rotary_embedding(target: PreTrainedModel) -> nn.Module | None:
     return None
 
 
-class LongSpecDraftModel(Drafter, PreTrainedModel):
+class LongSpecDraftModel(DraftCheckpointMixin, Drafter, PreTrainedModel):
     """One-layer LongSpec draft. Use it as ``target.generate(input_ids, assistant_model=draft)``.
 
     Tree settings live on ``draft.generation_config``: ``tree_shape`` is ``"auto"`` by default (each round grows
@@ -353,69 +343,6 @@ class LongSpecDraftModel(Drafter, PreTrainedModel):
     def load_state_dict(self, state_dict, *args, **kwargs):
         self._untrained = False
         return super().load_state_dict(state_dict, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> LongSpecDraftModel:
-        """As `PreTrainedModel.from_pretrained` (``revision=``, ``dtype=``, ``device_map=``, offline cache, ...), plus:
-
-        * the draft's tree settings (`generation_config.json`);
-        * official LongSpec checkpoints (target-style `config.json`, e.g. ``sail/longspec-Llama-3-8B-Instruct-262k``),
-          converted on the fly (see :mod:`longspec_hf.checkpoints`; ``longspec convert`` writes the result to disk);
-        * weights verified against the digests in `config.json` before use, read from safetensors only.
-        """
-        source = pretrained_model_name_or_path
-        hub = hub_kwargs(kwargs)
-        check_source(source, **hub)
-        config_path = None if "config" in kwargs else resolve(source, CONFIG_NAME, required=False, **hub)
-        if config_path is not None:
-            config = read_json(config_path)
-            if is_official_config(config):
-                rest = {k: v for k, v in kwargs.items() if k not in hub}
-                with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as converted:
-                    convert_official_checkpoint(source, converted, **hub)
-                    draft = cls.from_pretrained(converted, *args, **rest)
-                draft.config._name_or_path = draft.name_or_path = str(source)
-                return draft
-            verify_weights(source, config, **hub)
-        kwargs["use_safetensors"] = True
-        draft = super().from_pretrained(source, *args, **kwargs)
-        try:
-            draft.generation_config = GenerationConfig.from_pretrained(source, **hub)
-        except OSError:
-            pass  # no generation_config.json: keep the default tree
-        return draft
-
-    def save_pretrained(self, save_directory, *args, model_card=None, push_to_hub: bool = False, **kwargs):
-        """As `PreTrainedModel.save_pretrained` (weights only, safetensors), plus the tree settings, a digest of each
-        weights file in `config.json`, and a model card (`model_card`, else the one already in the folder, else one
-        rendered from ``hub_cards/``). ``push_to_hub=True`` then uploads the draft like :meth:`push_to_hub`."""
-        from .cards import draft_card
-
-        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr")
-                       if k in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
-            return
-        self.generation_config.save_pretrained(save_directory)
-        self.config.weights_sha256 = weights_digests(save_directory)
-        self.config.save_pretrained(save_directory)
-        readme = os.path.join(save_directory, "README.md")
-        if model_card is not None:
-            model_card.save(readme)
-        elif not os.path.isfile(readme):
-            draft_card(self).save(readme)
-        if push_to_hub:
-            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            self.push_to_hub(repo_id, model_card=model_card, **push_kwargs)
-
-    def push_to_hub(self, repo_id: str, *, model_card=None, custom_generate: bool = True, **kwargs):
-        """Upload the draft to `repo_id` in one commit: weights, config, tree settings, model card (`model_card`, else
-        rendered from ``hub_cards/``) and, unless ``custom_generate=False``, a `custom_generate/` folder so that plain
-        transformers can use it (`target.generate(ids, custom_generate=repo_id, trust_remote_code=True)`).
-        Other arguments as `PreTrainedModel.push_to_hub` (`private`, `token`, `revision`, `create_pr`, `tags`, ...)."""
-        from .hub import push_draft
-
-        return push_draft(self, repo_id, model_card=model_card, custom_generate=custom_generate, **kwargs)
 
     @property
     def target(self) -> PreTrainedModel | None:

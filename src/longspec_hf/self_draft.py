@@ -33,7 +33,7 @@ class SelfDraft(Drafter):
 
     def __init__(self, target: PreTrainedModel, sink_size: int = 4, window_size: int = 512,
                  tree_shape: tuple[int, ...] | str = DEFAULT_SELF_DRAFT_TREE):
-        from .support import check_supported_target
+        from .probe import check_supported_target
 
         if sink_size < 0 or window_size < 1:
             raise ValueError(f"SelfDraft needs sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}.")

@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .attention import HYBRID_ATTENTION_NAME
+from .attention import HYBRID_ATTENTION_NAME, attention_implementation
 from .compat import cache_kwarg
 from .support import FULL, SLIDING, UnsupportedTargetError
 from .tree import DraftTree, tree_attention_bias
-
-_switch_lock = threading.Lock()
-_switched: dict[int, list] = {}  # id(config) -> [the user's implementation, verifications in flight]
-
-
-@contextmanager
-def attention_implementation(model: PreTrainedModel, name: str):
-    """Select the attention function `name` for the duration of one forward, then restore the user's choice.
-
-    Only the verification forward switches, so prefill keeps the target's own (possibly faster) attention. The
-    setting lives on the model's shared config, so threads sharing one model are kept exact: the switch is counted
-    (the user's choice comes back when the last verification in flight ends), and any other forward that runs
-    meanwhile reaches the hybrid function without verification arguments, which calls the user's own implementation
-    (:func:`user_attention_implementation`) with a mask built for either (see ``attention.register_hybrid_attention``).
-    """
-    config = model.config.get_text_config(decoder=True)
-    with _switch_lock:
-        entry = _switched.setdefault(id(config), [config._attn_implementation, 0])
-        entry[1] += 1
-        config._attn_implementation = name
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            entry[1] -= 1
-            if entry[1] == 0:
-                config._attn_implementation = entry[0]
-                del _switched[id(config)]
-
-
-def user_attention_implementation(config) -> str | None:
-    """The implementation the user chose for `config` while a verification has switched it, else None."""
-    entry = _switched.get(id(config))
-    return None if entry is None else entry[0]
 
 
 def layer_attention_types(config) -> tuple[set[str], int | None]:
