@@ -247,7 +247,8 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     write_official_checkpoint(tmp_path / "official", draft, "llama", weights_file="pytorch_model.bin")
     weights = {k: v.contiguous() for k, v in draft.state_dict().items()}
     torch.save({**weights, "extra": RunsCode(marker)}, tmp_path / "official" / "pytorch_model.bin")
-    for load in (LongSpecDraftModel.from_pretrained, lambda path: LongSpecDraftModel.convert_official(path, tmp_path / "out")):
+    convert = LongSpecDraftModel.convert_official
+    for load in (LongSpecDraftModel.from_pretrained, lambda path: convert(path, tmp_path / "out")):
         with pytest.raises(ValueError) as err:
             load(tmp_path / "official")
         message = str(err.value)
