@@ -128,3 +128,18 @@ def test_a_checkpoint_of_a_run_is_summarised_up_to_its_step(tmp_path):
         for s in (1, 2, 3)))
     assert run_summary(tmp_path / "checkpoint-2")["tokens"] == 64
     assert run_summary(tmp_path)["tokens"] == 96 and run_summary(tmp_path)["settings"]["lr"] == 0.1
+
+
+def test_positions_whose_top_k_lies_outside_the_vocabulary_are_skipped_without_nan(tmp_path):
+    target = tiny_target("llama")
+    torch.manual_seed(3)
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=8)
+    ids = random_prompt(24, seed=1)
+    store = capture_features(target, ids, torch.arange(24)[None], None, tmp_path, {"t": 1}, "k", top_k=2,
+                             progress=False)
+    rows = store.rows([0])
+    draft.set_draft_vocabulary(rows["top_ids"][0, :12, 0].long().unique())  # positions 12+ may have none inside
+    loss = feature_loss(draft, rows, 1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)

@@ -160,9 +160,13 @@ def feature_loss(draft, rows: dict[str, torch.Tensor], lag: int, prompt_weight: 
     if vocab is not None:
         top_ids = vocab_columns(vocab, unwrapped(draft).config.vocab_size)[top_ids]
     inside = top_ids >= 0
-    target_logprobs = torch.log_softmax(top_logprobs.masked_fill(~inside, float("-inf")), dim=-1)  # [B, n, k]
-    target_probs = target_logprobs.exp().nan_to_num(0.0)  # a row with no top-k token inside: all zero, unscored
+    scorable = inside.any(-1)  # [B, n]: a position with none of its top-k inside the vocabulary is not scored
+    # Renormalised over the tokens inside; a position with none gets a finite stand-in (its weight is 0), so no NaN
+    # reaches the mean.
+    masked = top_logprobs.masked_fill(~inside, float("-inf")).masked_fill(~scorable[..., None], 0.0)
+    target_logprobs = torch.log_softmax(masked, dim=-1)  # [B, n, k]
+    target_probs = target_logprobs.exp()  # 0 for the tokens outside
     gathered = draft_logprobs.gather(-1, top_ids.clamp(min=0))
-    per_position = (target_probs * (target_logprobs.clamp(min=-1e4) - gathered)).sum(-1)  # [B, n]
-    weights = token_weights(rows["loss_mask"], prompt_weight)[:, lag + 1 :] * inside.any(-1)
+    per_position = (target_probs * (target_logprobs.masked_fill(~inside, 0.0) - gathered)).sum(-1)  # [B, n]
+    weights = token_weights(rows["loss_mask"], prompt_weight)[:, lag + 1 :] * scorable
     return weighted_mean(per_position, weights)
