@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling import LongSpecDraftModel
+from ..modeling import TARGET_ALIASES, LongSpecDraftModel
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
 from .config import TrainConfig
 from .generated import training_sequences
@@ -159,7 +159,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         draft.bind(target)
     else:
         draft = LongSpecDraftModel.from_target(target, sink_size=config.sink_size, window_size=config.window_size)
-    draft.config.target_name_or_path = config.target
+    # An offline name is recorded as the model it stands for, so the draft names its target on any machine.
+    draft.config.target_name_or_path = TARGET_ALIASES.get(config.target, config.target)
     draft.generation_config.tree_shape = list(config.tree_shape)
     if config.draft_vocab_size:
         apply_draft_vocabulary(draft, config, store, target, data)
