@@ -38,8 +38,10 @@ def run_summary(run: str | Path) -> dict:
     args = json.loads((folder / "training_args.json").read_text())
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     last = [r for r in log if step is None or r["step"] <= step][-1]
-    return {"tokens": last["tokens"], "seconds": round(last["seconds"]), "steps": last["step"],
-            "settings": {k: args.get(k) for k in RECORDED}}
+    settings = {k: args.get(k) for k in RECORDED}
+    if settings.get("features"):  # the store's folder name: where it sat on the training machine says nothing
+        settings["features"] = Path(settings["features"]).name
+    return {"tokens": last["tokens"], "seconds": round(last["seconds"]), "steps": last["step"], "settings": settings}
 
 
 def cell_name(row: dict) -> str:
