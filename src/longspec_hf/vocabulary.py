@@ -64,8 +64,3 @@ def count_target_outputs(target, sequences: torch.LongTensor, batch_size: int = 
         predicted = target(input_ids=ids, use_cache=False).logits.argmax(-1)  # [b, L]
         counts += torch.bincount(predicted.flatten().cpu(), minlength=vocab)
     return counts
-
-
-def add_counts(counts: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Add the occurrences of `token_ids` (any shape) to `counts [V]`, e.g. a feature store's top-1 ids."""
-    return counts.add_(torch.bincount(token_ids.flatten().long().cpu(), minlength=len(counts)))

@@ -93,7 +93,7 @@ def markdown_table(rows: list[dict]) -> str:
 def throughput_cli(args: argparse.Namespace) -> None:
     from ..loading import load_causal_lm
     from ..modeling import LongSpecDraftModel
-    from ..vocabulary import ranked_vocabulary
+    from ..vocabulary import count_target_outputs, ranked_vocabulary
     from .data import load_texts, pack
 
     target, tokenizer = load_causal_lm(args.target, args.gguf_file, "fp32")
@@ -107,9 +107,7 @@ def throughput_cli(args: argparse.Namespace) -> None:
     draft.bind(target)
     if draft.draft_vocab is None or len(draft.draft_vocab) < max(args.vocab_sizes):
         # Any ranking serves to time a vocabulary of a given size: the target's predictions on these sequences.
-        with torch.no_grad():
-            counts = torch.bincount(target(input_ids).logits.argmax(-1).flatten(), minlength=draft.config.vocab_size)
-        draft.set_draft_vocabulary(ranked_vocabulary(counts, max(args.vocab_sizes)))
+        draft.set_draft_vocabulary(ranked_vocabulary(count_target_outputs(target, input_ids), max(args.vocab_sizes)))
     rows = measure(target, target_bf16, draft, input_ids, args.vocab_sizes, repeats=args.repeats)
     print(f"{args.batch_size} x {args.seq_len} tokens per step, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} (best of 2 alternated runs)")
