@@ -17,7 +17,7 @@ from test_sampling import PROMPT, SAMPLES, chi_square_p_value, exact_last_two, s
 from transformers import CompileConfig, GenerationConfig
 
 from longspec_hf import LongSpecDraftModel, SelfDraft
-from longspec_hf.compiled import compile_options, round_compile_config
+from longspec_hf.compiled import CompiledFallbackWarning, compile_options, fallback_count, round_compile_config
 
 RUNS: Counter = Counter()
 
@@ -36,15 +36,6 @@ def counting_inductor(graph, example_inputs):
 
 
 COMPILED = CompileConfig(backend=counting_inductor)
-
-
-@pytest.fixture(autouse=True)
-def room_for_graphs():
-    # Every family's forward goes through the same transformers wrapper functions, and torch caps the graphs kept per
-    # function (8 by default): in one test process the families together need more. torch's own patch, not pytest's
-    # monkeypatch: its config module serves settings through __getattr__, and monkeypatch's undo deletes them.
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        yield
 
 
 def graph_runs(generate) -> int:
@@ -160,7 +151,8 @@ def test_eager_unless_asked_and_disable_compile_wins():
 def test_config_is_adapted_to_rounds_and_bad_values_are_refused():
     # A growing prefix changes shapes every round: dynamic graphs, and no per-shape CUDA graph capture.
     assert compile_options(CompileConfig()) | {"backend": None} == {
-        "fullgraph": False, "dynamic": True, "backend": None, "mode": "default", "options": None}
+        "fullgraph": False, "dynamic": True, "backend": None, "mode": "default", "options": None,
+        "isolate_recompiles": True}
     assert compile_options(CompileConfig(mode="max-autotune"))["mode"] == "max-autotune-no-cudagraphs"
     target = tiny_target("llama")
     draft = random_draft(target, [1])
@@ -227,3 +219,29 @@ def test_the_draft_state_resolves_each_compiled_call_once():
     state = DraftState(cache=None, compile_config=COMPILED)
     assert state.forward_of(target) is state.forward_of(target)
     assert DraftState(cache=None).forward_of(target) is target
+
+
+def test_a_fallback_to_eager_is_a_warning_naming_the_cause():
+    """torch runs a forward eagerly once its recompile limit is hit and only logs it; the loop warns (and the test
+    configuration turns that warning into an error everywhere else, so no test passes on a silent fallback)."""
+    target = tiny_target("llama")
+    draft = random_draft(target, [1, 1])
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(CompiledFallbackWarning, match="recompile_limit = 1"):
+            for n in (20, 1, 33):  # a one-token prompt and a batch of two: new static cases, beyond one graph
+                ids = random_prompt(n, seed=n).expand(1 + (n == 33), -1)
+                target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=6,
+                                compile_config=CompileConfig(backend="eager"))
+
+
+def test_each_models_compiled_calls_have_their_own_recompile_budget():
+    """Every family's forward runs through the same transformers code: with torch's default shared budget, the
+    graphs of several models in one process would exhaust its recompile limit together."""
+    before = fallback_count()
+    assert compile_options(CompileConfig())["isolate_recompiles"] is True
+    for family in ("llama", "qwen3", "gemma", "mistral", "qwen2"):
+        target = tiny_target(family)
+        for shape in ([1, 1], [2, 2]):
+            target.generate(random_prompt(25, seed=1), assistant_model=random_draft(target, shape), do_sample=False,
+                            max_new_tokens=6, compile_config=CompileConfig(backend="eager"))
+    assert fallback_count() == before

@@ -15,7 +15,7 @@ from test_sampling import (
     small_vocab_target,
 )
 
-import longspec_hf.generation as generation
+import longspec_hf.lookup as lookup_module
 from longspec_hf import LongSpecDraftModel, build_beam_tree
 from longspec_hf.lookup import NgramIndex, graft_chain, lookup_chains
 from longspec_hf.verify import accept_greedy
@@ -137,7 +137,8 @@ def generate_with_lookup(target, ids, tree, lookup=6, new_tokens=40):
 def test_lookup_branches_are_lossless(family, tree, device_costs, monkeypatch):
     device_costs(**GPU_LIKE)
     grafts = []
-    monkeypatch.setattr(generation, "graft_chain", lambda tree, chains: grafts.append(1) or graft_chain(tree, chains))
+    monkeypatch.setattr(lookup_module, "graft_chain",
+                        lambda tree, chains: grafts.append(1) or graft_chain(tree, chains))
     target = tiny_target(family)
     out, expected, stats = generate_with_lookup(target, cycling_prompt(target), tree)
     assert torch.equal(out, expected)

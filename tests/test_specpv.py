@@ -56,9 +56,9 @@ def test_full_verification_every_refresh_interval(monkeypatch):
     seen = []
     real = specpv.PartialVerifier.verify
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         seen.append((self.next_round_is_full(), self.num_pending))
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(specpv.PartialVerifier, "verify", spy)
     target = tiny_target("llama")

@@ -33,6 +33,7 @@ import torch
 
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel, cache_folder
+from .rounds import Round, RoundHook
 from .timing import synchronize
 from .tree import AUTO_ENVELOPE, DraftTree
 from .verify import verify_tree
@@ -210,7 +211,8 @@ class AutoTree:
         """Start a round at `context` committed slots for `rows` rows, at most `room` levels deep. A prompt-lookup
         branch of `lookup_nodes` tokens is on offer: :attr:`lookup` says whether to verify it (then the draft's nodes
         are priced on top of it)."""
-        synchronize(self.device)
+        # No synchronisation: the previous round's last kernels (the commit) are still queued on an accelerator;
+        # they are timed with this round's first draft level or verification, whose results the host waits for.
         now = time.perf_counter()
         if self._previous is not None and self._round_start is not None:
             p_rows, p_context, p_nodes, p_draft, p_verify = self._previous
@@ -232,7 +234,7 @@ class AutoTree:
         self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
         self.level_means = [1.0]
-        self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first node, top-K ids, top-K log-probs)
+        self.levels: list[tuple[int, list, list]] = []  # (first node, top-K ids [B][m][K], their probabilities)
         self.shape: list[int] = []
         self.draft_end = now
         return self
@@ -293,18 +295,28 @@ class AutoTree:
 
     def choose(self, depth: int, parent_local: torch.Tensor, child_logprobs: torch.Tensor,
                level_logprobs: torch.Tensor, vocab: torch.Tensor | None = None) -> int:
-        width = level_logprobs.shape[1]
+        width, children = level_logprobs.shape[1], child_logprobs.shape[1]
         top = level_logprobs.topk(min(self.max_width, level_logprobs.shape[-1]), dim=-1)  # [B, m, K]
         top_ids = top.indices if vocab is None else vocab[top.indices]
-        probabilities = child_logprobs.exp().tolist()  # [B, K] on the host: the one synchronisation per level
-        parents = parent_local.tolist()
+        k = top_ids.shape[-1]
+        # What the choice and the round's acceptance observations need, in one transfer: the one synchronisation per
+        # level (token ids and ranks are exact in float64).
+        host = torch.cat([child_logprobs.exp().double(), parent_local.double(), top.values.exp().double().flatten(1),
+                          top_ids.double().flatten(1)], dim=1).tolist()  # [B, 2 K' + 2 m K]
+        probabilities = [row[:children] for row in host]  # [B][K']
+        parents = [[int(p) for p in row[children:2 * children]] for row in host]
+        split = 2 * children + width * k
+        level_probabilities = [[row[2 * children + j * k:2 * children + (j + 1) * k] for j in range(width)]
+                               for row in host]  # [B][m][K]
+        level_ids = [[[int(t) for t in row[split + j * k:split + (j + 1) * k]] for j in range(width)]
+                     for row in host]  # [B][m][K]
         now = time.perf_counter()
         self.cost.add("draft", self.rows, self.context, width, now - self._step_start, anchor=self.forced is not None)
         self.draft_seconds += now - self._step_start
         self.draft_end = now
         if self.forced is not None:
             return self.forced[depth]
-        self.levels.append((self.tree_nodes - width, top_ids, top.values))
+        self.levels.append((self.tree_nodes - width, level_ids, level_probabilities))
         candidates = [[self.level_acceptance[r][p] * h for p, h in zip(parents[r], self.calibrated(
             parents[r], probabilities[r]), strict=True)] for r in range(self.rows)]  # [B][K], in beam order
         means = [sum(column) / self.rows for column in zip(*candidates, strict=True)]
@@ -364,7 +376,7 @@ class AutoTree:
             self.rounds_without_lookup = 0
         elif self._lookup_offered:
             self.rounds_without_lookup += 1
-        levels = [(first, ids.tolist(), values.exp().tolist()) for first, ids, values in self.levels]
+        levels = self.levels
         for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
             for node, token in zip([0, *path], tokens, strict=True):
                 for depth, (first, ids, probabilities) in enumerate(levels):
@@ -379,3 +391,26 @@ class AutoTree:
 
     def finish(self) -> None:
         self.cost.save()
+
+
+class AutoShape(RoundHook):
+    """``tree_shape="auto"`` in the loop: each round's tree grown by an :class:`AutoTree`, which also decides whether
+    the round verifies the prompt-lookup branch on offer (plan after the branch's hook)."""
+
+    def __init__(self, auto: AutoTree):
+        self.auto = auto
+
+    def plan(self, round: Round) -> None:
+        branch = 0 if round.branch is None else round.branch.shape[1]
+        round.shape = self.auto.begin_round(round.context, len(round.rows), round.room, branch)
+        if not self.auto.lookup:
+            round.branch = None
+
+    def accepted(self, round: Round) -> None:
+        self.auto.verified()
+
+    def committed(self, round: Round) -> None:
+        self.auto.end_round(round.tree, round.paths, round.new_tokens)
+
+    def finish(self) -> None:
+        self.auto.finish()

@@ -159,20 +159,20 @@ def sink_window_slots(valid: torch.Tensor, sink: int, window: int) -> tuple[torc
         sink, window: keep the first `sink` and the last `window` valid entries of each row.
 
     Returns:
-        `(src [B, C], kept [B, C])`: source index of each kept entry, rows right-aligned to a common length `C`
-        (left slots of shorter rows are padding: `kept` False, `src` 0).
+        `(src [B, C], kept [B, C])`: source index of each kept entry, rows right-aligned to the common length
+        `C = min(S, sink + window)` (left slots of rows with fewer entries are padding: `kept` False, `src` 0).
+        `C` is known on the host, so eviction never waits for the device (it runs every round).
     """
+    b, s = valid.shape
     rank = valid.cumsum(-1) - 1  # [B, S] rank of each valid entry
     count = valid.sum(-1, keepdim=True)  # [B, 1]
     keep = valid & ((rank < sink) | (rank >= count - window))
-    kept_per_row = keep.sum(-1)  # [B]
-    length = int(kept_per_row.max()) if keep.numel() else 0
-    dst = length - kept_per_row[:, None] + keep.cumsum(-1) - 1  # [B, S] destination of each kept entry
-    src = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
-    kept = torch.zeros(valid.shape[0], length, dtype=torch.bool, device=valid.device)
-    rows, cols = keep.nonzero(as_tuple=True)
-    src[rows, dst[rows, cols]] = cols
-    kept[rows, dst[rows, cols]] = True
+    length = min(s, sink + window)  # a row keeps min(count, sink + window) <= length entries
+    dst = length - keep.sum(-1, keepdim=True) + keep.cumsum(-1) - 1  # [B, S] destination of each kept entry
+    dst = torch.where(keep, dst, length)  # entries not kept land in a spare last column, dropped below
+    columns = torch.arange(s, device=valid.device).expand(b, s)
+    src = valid.new_zeros(b, length + 1, dtype=torch.long).scatter_(1, dst, columns)[:, :length]
+    kept = valid.new_zeros(b, length + 1).scatter_(1, dst, keep)[:, :length]
     return src, kept
 
 
@@ -235,10 +235,8 @@ class SinkWindowLayer(DynamicLayer):
         spec = slice(committed, None)
         self.keys = torch.cat([gather_slots(self.keys[:, :, :committed], src), self.keys[:, :, spec]], dim=-2)
         self.values = torch.cat([gather_slots(self.values[:, :, :committed], src), self.values[:, :, spec]], dim=-2)
-        if self.valid is not None:
+        if self.valid is not None:  # kept while the batch is padded (telling would need to read the device)
             self.valid = torch.cat([kept, self.valid[:, spec]], dim=-1)
-        if self.valid is not None and bool(self.valid.all()):
-            self.valid = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._append(key_states, value_states, None)

@@ -61,10 +61,11 @@ class Drafter:
         raise NotImplementedError
 
     def commit(
-        self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor, start_positions: torch.Tensor
+        self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor | None, start_positions: torch.Tensor
     ) -> None:
-        """Drop the speculative state and record the committed `tokens [B, a]` (where `valid [B, a]`), the first
-        one of each row at `start_positions [B]`."""
+        """Drop the speculative state and record the committed `tokens [B, a]` (where `valid [B, a]`; `None` when
+        every row committed `a` tokens, known on the host without reading the device), the first one of each row at
+        `start_positions [B]`."""
         raise NotImplementedError
 
     def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:

@@ -2,12 +2,17 @@
 
 One loop serves every drafter and every tree shape (a chain is a tree of width 1). Per round:
 
-1. the draft proposes a token tree rooted at the newest committed token (one draft forward per level), plus, with
+1. plan: the tree's level widths (fixed, or chosen level by level under ``tree_shape="auto"``) and extra branches;
+2. the draft proposes a token tree rooted at the newest committed token (one draft forward per level), plus, with
    ``prompt_lookup_num_tokens``, a branch copied from an earlier occurrence of the text's last n-gram (``lookup.py``);
-2. the target verifies the whole tree in one forward (hybrid prefix/tree attention);
-3. the acceptance walk emits the target's own tokens along the deepest matching path, plus one bonus token;
-4. the target cache is compacted to the accepted path and the draft commits the same tokens;
-5. stopping criteria and the streamer see the new tokens one by one, as in plain decoding.
+3. the target verifies the whole tree in one forward (hybrid prefix/tree attention);
+4. the acceptance walk emits the target's own tokens along the deepest matching path, plus one bonus token;
+5. the target cache is compacted to the accepted path and the draft commits the same tokens;
+6. stopping criteria and the streamer see the new tokens one by one, as in plain decoding.
+
+Features take part through round hooks (``rounds.py``): the tree-shape policy, the lookup branch, SpecPV and the
+statistics each read the round at every step and fill in what is theirs; the loop names none of them. A round reads
+one value from the device (the acceptance's transfer), plus one per level that ``"auto"`` chooses the width of.
 
 With a ``compile_config`` (transformers' own option), the draft's level forwards and the verification forward run
 through ``torch.compile`` (``compiled.py``); nothing else changes.
@@ -32,12 +37,13 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.stopping_criteria import logger as stopping_logger
 
 from .acceptance import AcceptanceModel
-from .auto_tree import AutoTree, cost_model_for
+from .auto_tree import AutoShape, AutoTree, cost_model_for
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
-from .compiled import compiled_call, round_compile_config
+from .compiled import compiled_call, fallback_count, round_compile_config, warn_on_fallback
 from .drafting import Drafter
-from .lookup import NgramIndex, graft_chain, lookup_chains
+from .lookup import LookupBranch
+from .rounds import FixedShape, Round, RoundHook, RoundHooks
 from .specpv import PartialVerifier, SpecPVConfig
 from .timing import RoundTimer
 from .tree import AUTO, setting_envelope, tree_setting
@@ -273,23 +279,16 @@ def speculative_generate(
     drafter.bind(target)
     setting = tree_setting(getattr(drafter.generation_config, "tree_shape", None))
     attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
-    specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     lookup, max_ngram = lookup_setting(generation_config, drafter)
+    specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     partial = None if specpv is None else PartialVerifier(specpv)
     compile_config = round_compile_config(generation_config, drafter)
-    # Under compiled rounds the verification forward runs through torch.compile (the prefill stays eager).
-    verify = verify_tree if compile_config is None else functools.partial(
-        verify_tree, forward=compiled_call(target, compile_config))
-    if compile_config is None and specpv is None:
-        verify = root_only_as_plain_step(verify)
+    fallbacks = None if compile_config is None else fallback_count()
+    verify = round_verifier(target, compile_config, plain_root=specpv is None)
     select = token_selector(generation_config)
-    # Greedy without processors: the whole tree's acceptance in one device pass and one host transfer per round.
-    vectorised_acceptance = not generation_config.do_sample and len(logits_processor or []) == 0
+    accept = acceptance_walk(generation_config, logits_processor, select, input_ids.shape[0])
     host_stop = host_stopping(stopping_criteria)
-    stats = SpeculativeStats()
-    drafter.stats = stats
-    auto = None if setting != AUTO else AutoTree(cost_model_for(target, drafter, compile_config is not None),
-                                                  call_acceptance(drafter), target.device, stats)
+    stats = drafter.stats = SpeculativeStats()
     timer = RoundTimer(target.device, stats.timings if getattr(drafter.generation_config, "profile_rounds", False)
                        else None)
     max_length = generation_config.max_length
@@ -310,12 +309,8 @@ def speculative_generate(
         input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=position_ids[:, cached:],
         use_cache=True, logits_to_keep=1, **{cache_kwarg(target): cache},
     ).logits[:, -1].float()  # [B, V]
-    state = TargetState(
-        cache=cache,
-        valid=None if mask is None else mask.bool(),
-        slot_positions=position_ids,
-        next_positions=position_ids[:, -1] + 1,
-    )
+    state = TargetState(cache=cache, valid=None if mask is None else mask.bool(), slot_positions=position_ids,
+                        next_positions=position_ids[:, -1] + 1)
     draft_state = drafter.start(input_ids, mask, state)
     draft_state.compile_config = compile_config
 
@@ -333,101 +328,76 @@ def speculative_generate(
     stats.new_tokens = batch
     if streamer is not None:
         streamer.put(sequences[0][:, -1:].cpu())
-    indexes = None
-    if lookup:  # each row's text on the host (padding dropped), indexed once; rounds then extend it
-        host_ids, host_mask = input_ids.tolist(), None if mask is None else mask.tolist()
-        indexes = {b: NgramIndex([t for j, t in enumerate(host_ids[b]) if host_mask is None or host_mask[b][j]]
-                                 + [last_tokens[b]], max_ngram) for b in active}
     if len(active) < batch:
-        keep_rows(state, drafter, draft_state, active, list(range(batch)), partial)
-    if auto is not None and active:
+        keep_rows(state, drafter, draft_state, active, list(range(batch)))
+
+    # 3. the features that take part in each round (tree shape, lookup branch, SpecPV, statistics), in step order
+    hooks = RoundHooks()
+    if lookup and active:
+        hooks.append(LookupBranch.from_prompts(input_ids, mask, {b: last_tokens[b] for b in active}, lookup,
+                                               max_ngram))
+    if setting != AUTO:
+        hooks.append(FixedShape(setting))
+    elif active:
+        auto = AutoTree(cost_model_for(target, drafter, compile_config is not None), call_acceptance(drafter),
+                        target.device, stats)
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
         stats.measure_seconds = auto.measure(target, state, drafter, draft_state, roots, attn_backend, verify,
                                              warm_up=compile_config is not None)
+        hooks.append(AutoShape(auto))
+    if partial is not None:  # under SpecPV, most rounds verify against a partial KV
+        verify = functools.partial(partial.verify, verify_tree=verify)
+        hooks.append(partial)
+    hooks.append(CountRounds(stats, draft_state))
 
     while active:
         roots = torch.tensor([last_tokens[b] for b in active], device=input_ids.device)
         root_positions = state.next_positions
-        # 3. draft a tree per row, no deeper than the tokens any row may still produce ("auto" decides each level)
-        room = max(max_length - sequences[b].shape[1] for b in active) - 1
-        chains = None if indexes is None else lookup_chains([indexes[b] for b in active], min(lookup, room),
-                                                            roots.device)  # [A, L] or None
-        if auto is None:
-            shape = setting[: max(room, 0)]
-        else:
-            shape = auto.begin_round(state.cache.get_seq_length(), len(active), room,
-                                     0 if chains is None else chains.shape[1])
-            if not auto.lookup:  # "auto" verifies the branch only where it is predicted to pay
-                chains = None
+        # 4. plan the round: the draft's tree no deeper than the tokens any row may still produce, extra branches
+        round = Round(rows=active, context=state.cache.get_seq_length(),
+                      room=max(max_length - sequences[b].shape[1] for b in active) - 1)
+        hooks.plan(round)
+        # 5. draft a tree per row (one draft forward per level), then the hooks' branches
         with timer("draft"):
-            tree = drafter.draft(draft_state, roots, root_positions, state, shape)
-            drafted = len(tree)
-            if chains is not None:  # 3b. the prompt-lookup branch (its nodes come after the draft's)
-                tree = graft_chain(tree, chains)
-        # 4. verify every row's tree in one target forward (under SpecPV, most rounds read a partial KV)
+            round.tree = drafter.draft(draft_state, roots, root_positions, state, round.shape)
+            round.drafted = len(round.tree)
+            hooks.drafted(round)
+        # 6. verify every row's tree in one target forward
         with timer("verify"):
-            if partial is None:
-                logits = verify(target, state, tree, attn_backend)  # [A, T, V]
-            else:
-                logits = partial.verify(target, state, tree, attn_backend, verify)
-        # 5. each row accepts the deepest path the target agrees with, plus its bonus token
+            logits = verify(target, state, round.tree, attn_backend)  # [A, T, V]
+        # 7. each row accepts the deepest path the target agrees with, plus its bonus token
         with timer("accept"):
-            if vectorised_acceptance:
-                paths, new_tokens = accept_greedy(tree, logits)
-            else:
-                children, node_tokens = tree.children(), tree.tokens.tolist()
-                paths, new_tokens = [], []
-                for i, b in enumerate(active):
-                    path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b],
-                                               row_of_batch(logits_processor, batch, b), select)
-                    paths.append(path)
-                    new_tokens.append(tokens)
-        if auto is not None:
-            auto.verified()
+            round.paths, round.new_tokens = accept(round.tree, logits, active, sequences)
+        hooks.accepted(round)
+        # 8. the target's cache and the draft keep the accepted paths: each row's root and accepted tokens
         with timer("commit"):
-            new_valid = compact(state, paths)
-            # The committed tokens of a row: its root and the accepted tokens (the bonus is the next root).
-            width = new_valid.shape[1]
-            committed = torch.tensor([[last_tokens[b], *tokens[:-1]] + [0] * (width - len(tokens))
-                                      for b, tokens in zip(active, new_tokens, strict=True)],
-                                     device=input_ids.device)  # [A, 1 + max_k]
-            drafter.commit(draft_state, committed, new_valid, root_positions)
-        if auto is not None:
-            auto.end_round(tree, paths, new_tokens)
-        if partial is not None:
-            partial.record(committed)
-            stats.full_verifications += partial.last_round_full
-            stats.partial_verifications += not partial.last_round_full
-        else:
-            stats.full_verifications += 1
-        stats.draft_cache_bytes = max(stats.draft_cache_bytes, kv_bytes(draft_state.cache))
-        # 6. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
+            new_valid = compact(state, round.paths)
+            width = 1 + max(len(p) for p in round.paths)
+            round.committed = torch.tensor([[last_tokens[b], *tokens[:-1]] + [0] * (width - len(tokens))
+                                            for b, tokens in zip(active, round.new_tokens, strict=True)],
+                                           device=input_ids.device)  # [A, 1 + max_k]
+            drafter.commit(draft_state, round.committed, new_valid, root_positions)
+        hooks.committed(round)
+        # 9. stopping criteria and streamer see tokens one at a time, so a stop inside a run emits nothing after it
         still_active = []
         for i, b in enumerate(active):
-            sequences[b], appended, finished = emit(new_tokens[i], sequences[b], stopping_criteria, logits[i, -1:],
-                                                    host_stop)
-            last_tokens[b] = new_tokens[i][-1]
+            sequences[b], appended, finished = emit(round.new_tokens[i], sequences[b], stopping_criteria,
+                                                    logits[i, -1:], host_stop)
+            last_tokens[b] = round.new_tokens[i][-1]
             if streamer is not None:
                 streamer.put(sequences[b][:, -appended:].cpu())
-            if indexes is not None:
-                indexes[b].extend(new_tokens[i][:appended])
-            stats.new_tokens += appended
+            hooks.emitted(round, i, round.new_tokens[i][:appended])
             if not finished:
                 still_active.append(b)
-        stats.rounds += 1
-        stats.drafted_tokens += (len(tree) - 1) * len(active)
-        stats.accepted_tokens += sum(len(p) for p in paths)
-        stats.lookup_accepted_tokens += sum(node >= drafted for p in paths for node in p)
-        stats.lookup_rounds += len(tree) > drafted
-        stats.acceptance_lengths.extend(len(p) for p in paths)
         if len(still_active) < len(active):
-            keep_rows(state, drafter, draft_state, still_active, active, partial)
+            keep_rows(state, drafter, draft_state, still_active, active, hooks)
         active = still_active
 
     if streamer is not None:
         streamer.end()
-    if auto is not None:
-        auto.finish()
+    hooks.finish()
+    if fallbacks is not None:
+        warn_on_fallback(fallbacks)
     output = pad_sequences(sequences, resolve_pad_token_id(generation_config))
     if not generation_config.return_dict_in_generate:
         return output
@@ -439,6 +409,57 @@ def speculative_generate(
             cache.crop(-overshoot)
         past = cache.write_to(user_cache if is_plain_dynamic(user_cache) else DynamicCache())
     return decoder_output(output, past)
+
+
+class CountRounds(RoundHook):
+    """Fills the call's :class:`SpeculativeStats` from each round."""
+
+    def __init__(self, stats: SpeculativeStats, draft_state):
+        self.stats, self.draft_state = stats, draft_state
+
+    def committed(self, round: Round) -> None:
+        stats, paths = self.stats, round.paths
+        stats.rounds += 1
+        stats.drafted_tokens += (len(round.tree) - 1) * len(round.rows)
+        stats.accepted_tokens += sum(len(p) for p in paths)
+        stats.lookup_accepted_tokens += sum(node >= round.drafted for p in paths for node in p)
+        stats.lookup_rounds += len(round.tree) > round.drafted
+        stats.acceptance_lengths.extend(len(p) for p in paths)
+        stats.full_verifications += round.full
+        stats.partial_verifications += not round.full
+        stats.draft_cache_bytes = max(stats.draft_cache_bytes, kv_bytes(self.draft_state.cache))
+
+    def emitted(self, round: Round, row: int, tokens: list[int]) -> None:
+        self.stats.new_tokens += len(tokens)
+
+
+def round_verifier(target: PreTrainedModel, compile_config, plain_root: bool) -> Callable:
+    """The round's verification `(target, state, tree, attn_backend) -> logits [A, T, V]`: eager or through
+    torch.compile; eager rounds with the root alone run as plain decode steps (not under SpecPV, which re-feeds
+    tokens before the tree)."""
+    if compile_config is not None:
+        return functools.partial(verify_tree, forward=compiled_call(target, compile_config))
+    return root_only_as_plain_step(verify_tree) if plain_root else verify_tree
+
+
+def acceptance_walk(generation_config: GenerationConfig, logits_processor, select, batch: int) -> Callable:
+    """The round's acceptance `(tree, logits, rows, sequences) -> (paths, new_tokens)` for a call of `batch` rows:
+    greedy without processors, the whole tree at once on the device with one host transfer; otherwise the walk of
+    :func:`~longspec_hf.verify.accept_path`, row by row, with transformers' processors on each row's own prefix."""
+    if not generation_config.do_sample and len(logits_processor or []) == 0:
+        return lambda tree, logits, *_: accept_greedy(tree, logits)
+
+    def walk(tree, logits, rows, sequences):
+        children, node_tokens = tree.children(), tree.tokens.tolist()
+        paths, new_tokens = [], []
+        for i, b in enumerate(rows):
+            path, tokens = accept_path(children[i], node_tokens[i], logits[i], sequences[b],
+                                       row_of_batch(logits_processor, batch, b), select)
+            paths.append(path)
+            new_tokens.append(tokens)
+        return paths, new_tokens
+
+    return walk
 
 
 def root_only_as_plain_step(verify: Callable) -> Callable:
@@ -488,11 +509,11 @@ def target_cache(target: PreTrainedModel, prompt: DynamicCache | None, max_lengt
 
 
 def keep_rows(state: TargetState, drafter: Drafter, draft_state, keep: list[int], current: list[int],
-              partial: PartialVerifier | None = None) -> None:
-    """Drop finished rows from the target and draft state, so they cost no more compute."""
+              hooks: RoundHooks | None = None) -> None:
+    """Drop finished rows from the target and draft state (and the hooks'), so they cost no more compute."""
     rows = torch.tensor([current.index(b) for b in keep], device=state.next_positions.device, dtype=torch.long)
     if rows.numel():
         state.select_rows(rows)
         drafter.select_rows(draft_state, rows)
-        if partial is not None:
-            partial.select_rows(rows)
+        if hooks is not None:
+            hooks.select_rows(rows)

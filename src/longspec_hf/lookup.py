@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .rounds import Round, RoundHook
 from .tree import DraftTree
 
 
@@ -106,3 +107,32 @@ def graft_chain(tree: DraftTree, chains: torch.Tensor) -> DraftTree:
         ancestors=ancestors,
         logprobs=torch.cat([tree.logprobs, tree.logprobs.new_zeros(batch, length)], dim=1),
     )
+
+
+class LookupBranch(RoundHook):
+    """The loop's prompt-lookup branch: each round, every row's chain of `length` tokens (cut to the room left) is
+    offered before drafting (``round.branch``; a later hook may withdraw it) and grafted onto the draft's tree."""
+
+    def __init__(self, texts: dict[int, list[int]], length: int, max_ngram: int, device: torch.device):
+        self.indexes = {row: NgramIndex(tokens, max_ngram) for row, tokens in texts.items()}  # text indexed once
+        self.length, self.device = length, device
+
+    @classmethod
+    def from_prompts(cls, input_ids: torch.LongTensor, mask: torch.Tensor | None, first_tokens: dict[int, int],
+                     length: int, max_ngram: int) -> LookupBranch:
+        """Index each row's prompt (padding dropped) and its first token; rows are those of `first_tokens`."""
+        ids, keep = input_ids.tolist(), None if mask is None else mask.bool().tolist()
+        texts = {row: [t for j, t in enumerate(ids[row]) if keep is None or keep[row][j]] + [token]
+                 for row, token in first_tokens.items()}
+        return cls(texts, length, max_ngram, input_ids.device)
+
+    def plan(self, round: Round) -> None:
+        round.branch = lookup_chains([self.indexes[row] for row in round.rows], min(self.length, round.room),
+                                     self.device)  # [A, L] or None
+
+    def drafted(self, round: Round) -> None:
+        if round.branch is not None:  # its nodes come after the draft's
+            round.tree = graft_chain(round.tree, round.branch)
+
+    def emitted(self, round: Round, row: int, tokens: list[int]) -> None:
+        self.indexes[round.rows[row]].extend(tokens)

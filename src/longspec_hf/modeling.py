@@ -563,7 +563,7 @@ class LongSpecDraftModel(DraftCheckpointMixin, Drafter, PreTrainedModel):
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, src)
         cache = SinkWindowCache(sink_size=sink, window_size=window, num_layers=1)
         k, v = self.self_attention_kv(input_ids.gather(1, src), positions)
-        cache.commit(k, v, None if bool(kept.all()) else kept)
+        cache.commit(k, v, None if attention_mask is None else kept)
         cache.layers[0].cumulative_length = n  # the evicted middle still counts towards absolute positions
         return DraftState(cache=cache)
 
@@ -602,7 +602,7 @@ class LongSpecDraftModel(DraftCheckpointMixin, Drafter, PreTrainedModel):
 
         return build_beam_tree(step, root_tokens, root_positions, tree_shape, self.draft_vocab)
 
-    def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor,
+    def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor | None,
                start_positions: torch.Tensor) -> None:
         """Replace the speculative entries by the KV of the committed `tokens [B, a]` (root first).
 
@@ -611,7 +611,7 @@ class LongSpecDraftModel(DraftCheckpointMixin, Drafter, PreTrainedModel):
         """
         positions = start_positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None]
         k, v = self.self_attention_kv(tokens, positions)
-        state.cache.commit(k, v, None if bool(valid.all()) else valid)
+        state.cache.commit(k, v, valid)
 
     def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:
         state.cache.batch_select_indices(rows)

@@ -73,13 +73,14 @@ class SelfDraft(Drafter):
         source = target_state.cache
         slots = source.get_seq_length()
         valid = target_state.valid
-        if valid is None:
+        padded = valid is not None
+        if not padded:
             valid = torch.ones(input_ids.shape[0], slots, dtype=torch.bool, device=input_ids.device)
         src, kept = sink_window_slots(valid, self.sink_size, self.window_size)  # [B, C]
         cache = SinkWindowCache(self.sink_size, self.window_size, num_layers=len(source.layers))
         for layer, target_layer in zip(cache.layers, source.layers, strict=True):
             layer.commit(gather_slots(target_layer.keys, src), gather_slots(target_layer.values, src),
-                         None if bool(kept.all()) else kept)
+                         kept if padded else None)
             layer.cumulative_length = slots  # evicted slots still count towards the absolute length
         return DraftState(cache=cache, extra={"target_cache": source})
 
@@ -105,13 +106,12 @@ class SelfDraft(Drafter):
 
         return build_beam_tree(step, root_tokens, root_positions, tree_shape)
 
-    def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor,
+    def commit(self, state: DraftState, tokens: torch.LongTensor, valid: torch.Tensor | None,
                start_positions: torch.Tensor) -> None:
         """Append the committed tokens' KV from the target's cache, whose last `a` slots hold them after compaction."""
         a = tokens.shape[1]
-        row_valid = None if bool(valid.all()) else valid
         for layer, target_layer in zip(state.cache.layers, state.extra["target_cache"].layers, strict=True):
-            layer.commit(target_layer.keys[:, :, -a:], target_layer.values[:, :, -a:], row_valid)
+            layer.commit(target_layer.keys[:, :, -a:], target_layer.values[:, :, -a:], valid)
 
     def select_rows(self, state: DraftState, rows: torch.Tensor) -> None:
         state.cache.batch_select_indices(rows)

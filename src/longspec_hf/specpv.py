@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import merge_attention_states, prefix_attention_lse
+from .rounds import Round, RoundHook
 from .tree import tree_attention_bias
 
 
@@ -184,8 +185,11 @@ class Refeed:
     valid: torch.Tensor | None
 
 
-class PartialVerifier:
-    """Decides each round between full and partial verification and keeps the pending tokens (see module doc)."""
+class PartialVerifier(RoundHook):
+    """Decides each round between full and partial verification and keeps the pending tokens (see module doc).
+
+    Its :meth:`verify` is the loop's verification; as a round hook it marks partial rounds and records their
+    committed tokens."""
 
     def __init__(self, config: SpecPVConfig):
         self.config = config
@@ -208,20 +212,23 @@ class PartialVerifier:
             return verify_tree(target, state, tree, attn_backend, tree_partial=self.kv)
         # Full round: drop the pending tokens' approximate KV and re-compute it before the tree, in one forward.
         p = self.num_pending
-        slot_positions, valid = state.slot_positions, state.valid
         refeed = None
         if p:
             state.cache.crop(-p)
-            refeed = Refeed(self.pending, slot_positions[:, -p:], None if valid is None else valid[:, -p:])
-            state.slot_positions = slot_positions[:, :-p]
-            state.valid = None if valid is None else valid[:, :-p]
-        self.kv.mode, self.kv.valid = "refresh", state.valid
-        try:
+            valid = state.valid
+            refeed = Refeed(self.pending, state.slot_positions[:, -p:].clone(),
+                            None if valid is None else valid[:, -p:].clone())
+        with state.without_last(p):
+            self.kv.mode, self.kv.valid = "refresh", state.valid
             logits = verify_tree(target, state, tree, attn_backend, refeed=refeed, tree_partial=self.kv)
-        finally:
-            state.slot_positions, state.valid = slot_positions, valid
         self.pending = None
         return logits
+
+    def accepted(self, round: Round) -> None:
+        round.full = self.last_round_full
+
+    def committed(self, round: Round) -> None:
+        self.record(round.committed)
 
     def record(self, committed: torch.Tensor) -> None:
         """After compaction: the round's committed tokens `[B, a]` are pending unless the round was full."""

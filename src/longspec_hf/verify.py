@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -32,7 +32,28 @@ def layer_attention_types(config) -> tuple[set[str], int | None]:
     return types, window
 
 
-@dataclass
+class Columns:
+    """A `[B, n]` tensor that grows by whole columns every round without copying what it holds: the columns live in
+    a buffer whose width doubles when full, so appending costs O(new columns), not O(n) (amortised)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.buffer, self.width = value, value.shape[1]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.buffer[:, : self.width]  # [B, n], a view
+
+    def append(self, columns: torch.Tensor) -> None:
+        """Add `columns [B, k]` at the end."""
+        end = self.width + columns.shape[1]
+        if end > self.buffer.shape[1]:
+            grown = self.buffer.new_empty(self.buffer.shape[0], max(2 * self.buffer.shape[1], end))
+            grown[:, : self.width] = self.value
+            self.buffer = grown
+        self.buffer[:, self.width : end] = columns
+        self.width = end
+
+
 class TargetState:
     """The target's committed state for a batch of rows.
 
@@ -44,12 +65,49 @@ class TargetState:
         valid: `[B, S]` bool, or `None` when every slot of every row holds a real token.
         slot_positions: `[B, S]` position of the token in each slot (meaningless where not valid).
         next_positions: `[B]` position of each row's root (its newest committed token, not yet in the cache).
+
+    `valid` and `slot_positions` grow by a round's slots with :meth:`append_slots`, in O(new slots).
     """
 
-    cache: Cache
-    valid: torch.Tensor | None
-    slot_positions: torch.Tensor
-    next_positions: torch.Tensor
+    def __init__(self, cache: Cache, valid: torch.Tensor | None, slot_positions: torch.Tensor,
+                 next_positions: torch.Tensor):
+        self.cache, self.valid, self.slot_positions, self.next_positions = cache, valid, slot_positions, next_positions
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return None if self._valid is None else self._valid.value
+
+    @valid.setter
+    def valid(self, value: torch.Tensor | None) -> None:
+        self._valid = None if value is None else Columns(value)
+
+    @property
+    def slot_positions(self) -> torch.Tensor:
+        return self._positions.value
+
+    @slot_positions.setter
+    def slot_positions(self, value: torch.Tensor) -> None:
+        self._positions = Columns(value)
+
+    def append_slots(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Record `k` new slots per row: `positions [B, k]`, `valid [B, k]` (`None`: all valid)."""
+        if valid is not None and self._valid is None:  # the first slot a row leaves empty
+            self.valid = valid.new_ones(valid.shape[0], self._positions.width)
+        if self._valid is not None:
+            self._valid.append(valid if valid is not None else positions.new_ones(positions.shape, dtype=torch.bool))
+        self._positions.append(positions)
+
+    @contextlib.contextmanager
+    def without_last(self, p: int):
+        """Hide the last `p` slots' positions and validity for the duration (their KV is the caller's business)."""
+        columns = [c for c in (self._positions, self._valid) if c is not None]
+        for c in columns:
+            c.width -= p
+        try:
+            yield
+        finally:
+            for c in columns:
+                c.width += p
 
     def key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive `[B, 1, 1, S]` mask hiding invalid slots, or `None` when there are none."""
@@ -109,7 +167,10 @@ def verification_mask(
     if refeed is not None:
         query_pos = torch.cat([refeed.positions, query_pos], dim=-1)  # [B, p + T]
     hidden = None if state.valid is None else ~state.valid[:, None, :]
-    if window is not None and slots and int(query_pos.max()) + 1 >= window:
+    # A query's position is below slots + its index among the queries (positions never exceed slot indices), a bound
+    # known on the host: past it the window may hide slots, and the exact mask is built (reading the largest position
+    # instead would make the host wait for the device every round).
+    if window is not None and slots and slots + query_pos.shape[1] >= window:
         outside = window_hidden(state.slot_positions, query_pos, window)
         hidden = outside if hidden is None else hidden | outside
     prefix = None
@@ -172,7 +233,7 @@ def verify_tree(target: PreTrainedModel, state: TargetState, tree: DraftTree, at
     return (logits if refeed is None else logits[:, refeed.tokens.shape[1]:]).float()
 
 
-def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
+def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor | None:
     """Keep, in every row, the root and its accepted `path` (tree indices) after the committed slots.
 
     Every row keeps `1 + max(len(path))` new slots; the unused ones of shorter rows become invalid. Accepted
@@ -180,7 +241,7 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
     touched (a preallocated cache crops in O(1)), so the cost does not grow with the context.
 
     Returns:
-        `[B, 1 + max_k]` bool, which of the new slots are valid.
+        `[B, 1 + max_k]` bool, which of the new slots are valid; `None` when all are (every row accepted `max_k`).
     """
     cache = state.cache
     prefix_len = state.slot_positions.shape[1]
@@ -201,13 +262,11 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor:
                 kv[:, :, dst] = kv.gather(2, src[:, None, :, None].expand(b, h, longest, d))
     if total > prefix_len + 1 + longest:
         cache.crop(-(total - prefix_len - 1 - longest))
-    if state.valid is not None or min(host_lengths) < longest:
-        old = state.valid if state.valid is not None else new_valid.new_ones(len(paths), prefix_len)
-        state.valid = torch.cat([old, new_valid], dim=-1)
+    all_valid = min(host_lengths) == longest
     new_positions = state.next_positions[:, None] + torch.arange(1 + longest, device=device)[None]
-    state.slot_positions = torch.cat([state.slot_positions, new_positions], dim=-1)
+    state.append_slots(new_positions, None if all_valid else new_valid)
     state.next_positions = state.next_positions + 1 + lengths
-    return new_valid
+    return None if all_valid else new_valid
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
