@@ -749,3 +749,26 @@ def test_a_sliding_layer_reads_only_the_keys_its_window_can_see(backend):
     short = torch.cat([mask[..., p - reach : p], mask[..., p:]], dim=-1)  # [B, 1, q, M + q]
     out, _ = run(q, k, v, short, p, backend, sliding_window=window, tree_window_keys=reach)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_the_backend_is_resolved_once_per_call_before_the_rounds(monkeypatch):
+    """"auto" becomes a concrete backend eagerly, at the start of generate(): the verification forwards (compiled or
+    not) look nothing up; a bad name fails there, naming the choices."""
+    from conftest import OracleDrafter, plain_greedy, random_prompt, tiny_target
+
+    assert attention.resolve_backend("auto", torch.device("cpu"), torch.float32, 4, 2, 16) == "sdpa_lse"
+    assert attention.resolve_backend("torch", torch.device("cpu"), torch.float32, 4, 2, 16) == "torch"
+    with pytest.raises(ValueError, match="choose one of"):
+        attention.resolve_backend("fast", torch.device("cpu"), torch.float32, 4, 2, 16)
+    seen, resolved = [], []
+    real_prefix, real_resolve = attention.prefix_attention_lse, attention.resolve_backend
+    monkeypatch.setattr(attention, "prefix_attention_lse", lambda *a, **k: seen.append(a[5]) or real_prefix(*a, **k))
+    monkeypatch.setattr("longspec_hf.generation.resolve_backend",
+                        lambda *a: resolved.append(a[0]) or real_resolve(*a))
+    target = tiny_target("llama")
+    ids = random_prompt(30, seed=2)
+    expected = plain_greedy(target, ids, max_new_tokens=12)
+    oracle = OracleDrafter(target, expected, [1, 1])
+    out = target.generate(ids, assistant_model=oracle, do_sample=False, max_new_tokens=12)
+    assert torch.equal(out, expected)
+    assert resolved == ["auto"] and seen and set(seen) == {"sdpa_lse"}

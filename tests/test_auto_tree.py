@@ -163,6 +163,29 @@ def test_first_use_measures_once_and_leaves_the_state_as_it_was(tmp_path, monkey
     assert draft.stats.measure_seconds > 0
 
 
+@pytest.mark.parametrize("factor", [1e-4, 1e4])
+def test_the_timing_cache_on_disk_never_changes_the_output(tmp_path, monkeypatch, factor):
+    """Whatever the stored timings say (here: verification made 10^4 times cheaper or dearer than measured, so other
+    trees win), the output is plain generate()'s; only the trees verified change."""
+    monkeypatch.setenv("LONGSPEC_HF_CACHE", str(tmp_path))
+    target = tiny_target("qwen3")
+    ids = random_prompt(60, seed=3)
+    expected = plain_greedy(target, ids, max_new_tokens=20)
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=16)
+    target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=4)  # measures, writes the file
+    (path,) = (tmp_path / "cost").glob("*.json")
+    stored = json.loads(path.read_text())
+    for name, samples in stored["samples"].items():
+        if name.startswith("verify"):
+            stored["samples"][name] = [[context, size, seconds * factor, anchor]
+                                       for context, size, seconds, anchor in samples]
+    path.write_text(json.dumps(stored))
+    auto_tree._MODELS.clear()
+    out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=20)
+    assert draft.stats.measure_seconds == 0  # the edited file was used
+    assert torch.equal(out, expected)
+
+
 def test_a_cost_file_from_other_versions_is_ignored(tmp_path):
     key = {"versions": {"torch": "1"}}
     model = CostModel.load(key, tmp_path)

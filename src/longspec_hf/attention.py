@@ -331,6 +331,40 @@ def check_backend(backend: str) -> None:
         _flash_attn_func(required=True)
 
 
+_FLASH_FUNC: list[Callable] = []  # flash_attn_func, once resolve_backend chose it (read, never imported, when traced)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                    head_dim: int) -> str:
+    """The prefix backend a ``generate()`` call uses, decided once, eagerly, before any (compiled) round: `backend`
+    itself, or for ``"auto"`` the first of flash-attn / torch's LSE ops / plain torch that accepts inputs of this
+    device, dtype and head geometry (a tiny call of each decides: a kernel that refuses inside a compiled graph could
+    not fall through). Checks the name, and that flash-attn is installed when asked for by name."""
+    check_backend(backend)
+    if backend == "flash_attn":
+        _FLASH_FUNC[:] = [_flash_attn_func(required=True)]
+    if backend != "auto":
+        return backend
+    query = torch.zeros(1, heads, 2, head_dim, device=device, dtype=dtype)
+    key = torch.zeros(1, kv_heads, 3, head_dim, device=device, dtype=dtype)
+    mask = torch.zeros(1, 1, 2, 3, device=device, dtype=dtype)
+    flash = _flash_attn_func() if device.type == "cuda" and dtype in _HALF else None
+    if flash is not None and _serves(lambda: flash_attention_lse(flash, query, key, key, 1.0)):
+        _FLASH_FUNC[:] = [flash]
+        return "flash_attn"
+    if _serves(lambda: sdpa_lse_attention(query, key, key, None, 1.0)) and _serves(
+            lambda: sdpa_lse_attention(query, key, key, mask, 1.0)):
+        return "sdpa_lse"
+    return "torch"
+
+
+def _serves(call: Callable) -> bool:
+    try:
+        return call() is not None
+    except RuntimeError:
+        return False
+
+
 def prefix_attention_lse(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -348,7 +382,8 @@ def prefix_attention_lse(
     """
     same_dims = key.shape[-1] == value.shape[-1]
     if backend in ("auto", "flash_attn") and mask is None and query.is_cuda and query.dtype in _HALF and same_dims:
-        flash = _flash_attn_func()
+        # Resolved by resolve_backend (the loop's case: nothing to look up or import here), or looked up now.
+        flash = _FLASH_FUNC[0] if backend == "flash_attn" and _FLASH_FUNC else _flash_attn_func()
         if flash is not None and key.shape[2] > 0:
             try:
                 return flash_attention_lse(flash, query, key, value, scale, softcap)
@@ -503,7 +538,8 @@ def hybrid_tree_attention(
         return _dense_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, s_aux,
                                {**kwargs, "is_causal": is_causal})
     check_attention_inputs(module, kwargs, is_causal)
-    check_backend(tree_attn_backend)
+    if tree_attn_backend not in BACKENDS or (tree_attn_backend == "flash_attn" and not _FLASH_FUNC):
+        resolve_backend(tree_attn_backend, query.device, query.dtype, 1, 1, 8)  # the name's error, once
     prefix_len, q_len = int(tree_prefix_len), query.shape[2]
     if key.shape[2] != prefix_len + q_len:
         raise ValueError(

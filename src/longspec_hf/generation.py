@@ -37,6 +37,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.stopping_criteria import logger as stopping_logger
 
 from .acceptance import AcceptanceModel
+from .attention import resolve_backend
 from .auto_tree import AutoShape, AutoTree, cost_model_for
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
@@ -278,7 +279,7 @@ def speculative_generate(
     mask = validate_inputs(target, input_ids, generation_config, model_kwargs, streamer)
     drafter.bind(target)
     setting = tree_setting(getattr(drafter.generation_config, "tree_shape", None))
-    attn_backend = getattr(drafter.generation_config, "tree_attn_backend", "auto")
+    attn_backend = target_backend(target, getattr(drafter.generation_config, "tree_attn_backend", "auto"))
     lookup, max_ngram = lookup_setting(generation_config, drafter)
     specpv = SpecPVConfig.from_value(getattr(drafter.generation_config, "specpv", None))
     partial = None if specpv is None else PartialVerifier(specpv)
@@ -460,6 +461,15 @@ def acceptance_walk(generation_config: GenerationConfig, logits_processor, selec
         return paths, new_tokens
 
     return walk
+
+
+def target_backend(target: PreTrainedModel, backend: str) -> str:
+    """The call's prefix-attention backend for this target's device, dtype and heads (decided once, eagerly)."""
+    text = target.config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None) or 1
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", None) or 64 * heads) // heads
+    return resolve_backend(backend, target.device, target.dtype, heads, kv_heads, head_dim)
 
 
 def root_only_as_plain_step(verify: Callable) -> Callable:
