@@ -9,6 +9,7 @@ import torch
 from conftest import CPU_LIKE, FAMILIES, GPU_LIKE, FrozenCost, OracleDrafter, plain_greedy, random_prompt, tiny_target
 
 import longspec_hf.auto_tree as auto_tree
+import longspec_hf.cost_model as cost_model
 from longspec_hf import LongSpecDraftModel, SelfDraft
 from longspec_hf.acceptance import AcceptanceModel, monotone
 from longspec_hf.cost_model import CostModel, Curve, plot_curves
@@ -155,7 +156,7 @@ def test_first_use_measures_once_and_leaves_the_state_as_it_was(tmp_path, monkey
     # Same context again, in this process and in a new one (the file): nothing is measured.
     target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=12)
     assert draft.stats.measure_seconds == 0
-    auto_tree._MODELS.clear()
+    cost_model._MODELS.clear()
     target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=12)
     assert draft.stats.measure_seconds == 0
     # A context far from the measured one is measured again.
@@ -180,7 +181,7 @@ def test_the_timing_cache_on_disk_never_changes_the_output(tmp_path, monkeypatch
             stored["samples"][name] = [[context, size, seconds * factor, anchor]
                                        for context, size, seconds, anchor in samples]
     path.write_text(json.dumps(stored))
-    auto_tree._MODELS.clear()
+    cost_model._MODELS.clear()
     out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=20)
     assert draft.stats.measure_seconds == 0  # the edited file was used
     assert torch.equal(out, expected)

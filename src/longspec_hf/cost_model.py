@@ -193,3 +193,64 @@ def plot_curves(model: CostModel, contexts: list[int], path: str | Path, rows: i
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def cost_key(target, drafter, compiled: bool = False) -> dict:
+    """What a cost model is valid for: the target's shape and name, the drafter, the device, dtype, versions, and
+    whether rounds are compiled."""
+    import torch
+    import transformers
+
+    text = target.config.get_text_config(decoder=True)
+    shape = {name: getattr(text, name, None) for name in (
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "sliding_window")}
+    device = target.device
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{device.type}:{torch.get_num_threads()} threads"
+    draft_config = getattr(drafter, "config", None)
+    draft = {"class": type(drafter).__name__,
+             "layers": getattr(draft_config, "num_hidden_layers", None),
+             "window": [getattr(drafter, "sink_size", getattr(draft_config, "sink_size", None)),
+                        getattr(drafter, "window_size", getattr(draft_config, "window_size", None))]}
+    key = {"target": shape, "name": getattr(target.config, "_name_or_path", None), "drafter": draft,
+           "device": where, "dtype": str(target.dtype),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "longspec_hf": package_version()}}
+    if compiled:  # compiled forwards cost less: a model of their own (eager keys stay as they were)
+        key["compiled"] = True
+    return key
+
+
+def package_version() -> str:
+    # Read from the installed metadata: these modules also run from a model repo's custom_generate/ folder.
+    try:
+        from importlib.metadata import version
+
+        return version("longspec-hf")
+    except Exception:
+        return "unknown"
+
+
+_MODELS: dict[str, CostModel] = {}  # one model per key in a process, shared by calls
+
+
+def cost_model_for(target, drafter, compiled: bool = False) -> CostModel:
+    """The cost model of this target, drafter and device (with `compiled` rounds or not): from the user's cache
+    folder, plus the measurements of a `longspec cost` result if ``drafter.generation_config.cost_report`` names its
+    JSON file."""
+    key = cost_key(target, drafter, compiled)
+    report = getattr(drafter.generation_config, "cost_report", None)
+    name = repr(sorted(key.items())) + str(cache_folder()) + str(report)
+    if name not in _MODELS:
+        model = CostModel.load(key)
+        if report:
+            import json
+
+            with open(report) as f:  # its drafters are named by kind: "self_draft" or "longspec"
+                kind = "self_draft" if type(drafter).__name__ == "SelfDraft" else "longspec"
+                model.add_cost_report(json.load(f), kind)
+        _MODELS[name] = model
+    return _MODELS[name]

@@ -38,10 +38,11 @@ from transformers.generation.stopping_criteria import logger as stopping_logger
 
 from .acceptance import AcceptanceModel
 from .attention import resolve_backend
-from .auto_tree import AutoShape, AutoTree, cost_model_for
+from .auto_tree import AutoShape, AutoTree
 from .cache import PreallocatedCache, kv_bytes
 from .compat import cache_kwarg, decoder_output, prompt_cache
 from .compiled import compiled_call, fallback_count, round_compile_config, warn_on_fallback
+from .cost_model import cost_model_for
 from .drafting import Drafter
 from .lookup import LookupBranch
 from .rounds import FixedShape, Round, RoundHook, RoundHooks
