@@ -169,7 +169,10 @@ class AutoTree:
         self._lookup_offered = lookup_nodes > 0
         self._exploring = False
         self.lookup = self._lookup_offered and self.lookup_pays(lookup_nodes)
-        self.expected = float(rows)  # every row emits its bonus token
+        # Every row emits its bonus token, and a verified lookup branch its running mean of tokens beyond the draft's
+        # tree: draft nodes must raise the rate of the round as it already is, branch included.
+        self.base_expected = rows * (1.0 + (self.lookup_gain if self.lookup else 0.0))
+        self.expected = self.base_expected
         self.nodes, self.draft_seconds = 1 + (lookup_nodes if self.lookup else 0), 0.0  # nodes to verify
         self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
@@ -304,10 +307,11 @@ class AutoTree:
             self.explore_every = EXPLORE_EVERY
         elif self._exploring:
             self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
-        self._last_round = (self.expected / self.rows, self.tree_nodes, self.draft_seconds)
+        draft_expected = self.expected - self.base_expected + self.rows  # the round's tokens without the branch
+        self._last_round = (draft_expected / self.rows, self.tree_nodes, self.draft_seconds)
         if self.levels and self.forced is None:
             accepted = sum(node < self.tree_nodes for path in paths for node in path)
-            factor = ((accepted + 1) / (self.expected - self.rows + 1)) ** SCALE_RATE
+            factor = ((accepted + 1) / (self.expected - self.base_expected + 1)) ** SCALE_RATE
             self.scale = min(max(self.scale * factor, SCALE_RANGE[0]), SCALE_RANGE[1])
         if self.lookup:
             beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
@@ -327,7 +331,7 @@ class AutoTree:
         if self.stats is not None:
             name = ",".join(map(str, self.shape)) or "none"
             self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1
-            self.stats.predicted_accepted += self.expected - self.rows
+            self.stats.predicted_accepted += self.expected - self.base_expected
 
     def finish(self) -> None:
         self.cost.save()
