@@ -24,7 +24,7 @@ from longspec_hf.cli import main as cli
 
 CORE_MODULES = {"acceptance", "attention", "auto_tree", "cache", "cards", "checkpoints", "compat", "compiled",
                 "configuration", "cost_model", "drafting", "generation", "hook", "hub", "lookup", "modeling", "probe",
-                "specpv", "support", "timing", "tree", "verify", "vocabulary"}
+                "rounds", "specpv", "support", "timing", "tree", "verify", "vocabulary"}
 
 
 def trained_like_draft(family: str, seed: int = 1, **kwargs) -> LongSpecDraftModel:

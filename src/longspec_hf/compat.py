@@ -35,3 +35,11 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values
 def decoder_output(sequences, cache) -> GenerateDecoderOnlyOutput:
     """`GenerateDecoderOnlyOutput` with its cache field set, whatever it is called in this transformers."""
     return GenerateDecoderOnlyOutput(sequences=sequences, **{_OUTPUT_CACHE_FIELD: cache})
+
+
+def config_value(config, name: str):
+    """`config.<name>`, or None where it is missing or, in per-layer configs (Gemma 4), ambiguous."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers refuses a global read of a per-layer attribute with its own error type
+        return None

@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from .acceptance import monotone
+from .compat import config_value
 
 KINDS = ("verify", "draft", "rest")
 SCHEMA = "longspec-auto-cost/1"
@@ -202,7 +203,7 @@ def cost_key(target, drafter, compiled: bool = False) -> dict:
     import transformers
 
     text = target.config.get_text_config(decoder=True)
-    shape = {name: getattr(text, name, None) for name in (
+    shape = {name: config_value(text, name) for name in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "sliding_window")}
     device = target.device

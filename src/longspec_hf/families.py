@@ -3,7 +3,7 @@
 Every model type of transformers' causal-LM mapping is built from its own config class with its size fields shrunk
 (the family's special features kept on: logit soft-capping, attention sinks, sliding windows shorter than the prompt,
 mixed layer types, MoE, MLA), then greedy ``generate()`` runs with and without a draft: a random LongSpec draft as a
-chain and as a tree, and the target as its own draft (:class:`~longspec_hf.SelfDraft`, whose drafts are mostly
+chain, as a tree and with the default ``tree_shape="auto"``, and the target as its own draft (:class:`~longspec_hf.SelfDraft`, whose drafts are mostly
 accepted, so long accepted paths and cache compaction are exercised too). Each family ends in exactly one outcome:
 
 * ``identical``: every drafted run gave plain ``generate()``'s tokens;
@@ -222,6 +222,7 @@ def _drafted_runs(target):
     return [
         ("chain", longspec([1, 1, 1])),
         ("tree", longspec([2, 3, 2])),
+        ("auto", longspec("auto")),  # the default: its first use also reads the config for its cost model's key
         ("self-draft", lambda: SelfDraft.from_target(target, sink_size=2, window_size=6, tree_shape=[2, 2, 1, 1])),
     ]
 

@@ -40,11 +40,12 @@ from .acceptance import AcceptanceModel
 from .attention import resolve_backend
 from .auto_tree import AutoShape, AutoTree
 from .cache import PreallocatedCache, kv_bytes
-from .compat import cache_kwarg, decoder_output, prompt_cache
+from .compat import cache_kwarg, config_value, decoder_output, prompt_cache
 from .compiled import compiled_call, fallback_count, round_compile_config, warn_on_fallback
 from .cost_model import cost_model_for
 from .drafting import Drafter
 from .lookup import LookupBranch
+from .probe import last_layer_kv_geometry
 from .rounds import FixedShape, Round, RoundHook, RoundHooks
 from .specpv import PartialVerifier, SpecPVConfig
 from .timing import RoundTimer
@@ -467,10 +468,15 @@ def acceptance_walk(generation_config: GenerationConfig, logits_processor, selec
 def target_backend(target: PreTrainedModel, backend: str) -> str:
     """The call's prefix-attention backend for this target's device, dtype and heads (decided once, eagerly)."""
     text = target.config.get_text_config(decoder=True)
-    heads = getattr(text, "num_attention_heads", None) or 1
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", None) or 64 * heads) // heads
+    heads = config_value(text, "num_attention_heads") or 1
+    geometry = last_layer_kv_geometry(target)  # what the probe found in the cache: exact where configs vary by layer
+    if geometry is not None:
+        (kv_heads, head_dim), _ = geometry
+    else:
+        kv_heads = config_value(text, "num_key_value_heads") or heads
+        head_dim = config_value(text, "head_dim") or (config_value(text, "hidden_size") or 64 * heads) // heads
     return resolve_backend(backend, target.device, target.dtype, heads, kv_heads, head_dim)
+
 
 
 def root_only_as_plain_step(verify: Callable) -> Callable:
