@@ -3,8 +3,9 @@
 Every model type of transformers' causal-LM mapping is built from its own config class with its size fields shrunk
 (the family's special features kept on: logit soft-capping, attention sinks, sliding windows shorter than the prompt,
 mixed layer types, MoE, MLA), then greedy ``generate()`` runs with and without a draft: a random LongSpec draft as a
-chain, as a tree and with the default ``tree_shape="auto"``, and the target as its own draft (:class:`~longspec_hf.SelfDraft`, whose drafts are mostly
-accepted, so long accepted paths and cache compaction are exercised too). Each family ends in exactly one outcome:
+chain, as a tree and with the default ``tree_shape="auto"``, and the target as its own draft
+(:class:`~longspec_hf.SelfDraft`, whose drafts are mostly accepted, so long accepted paths and cache compaction are
+exercised too). Each family ends in exactly one outcome:
 
 * ``identical``: every drafted run gave plain ``generate()``'s tokens;
 * ``identical with SelfDraft``: the target drafting for itself is identical, a LongSpec draft is refused (its
