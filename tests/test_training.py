@@ -195,8 +195,19 @@ def launch(workspace, out, processes: int, **flags) -> None:
     args += [f"--{k.replace('_', '-')}" for k, v in values.items() if v is True]
     launcher = [sys.executable, "-m", "longspec_hf_cli"] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "longspec_hf_cli"]
-    subprocess.run([*launcher, "train", *args], check=True, capture_output=True, timeout=600)
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "longspec_hf_cli"]
+    run = subprocess.run([*launcher, "train", *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{processes} process(es) failed:\n{run.stderr[-4000:]}"
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the default one may still be held by an earlier group's sockets)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_train_what_one_does_and_resume_across_process_counts(workspace, tmp_path):
