@@ -328,12 +328,13 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown tree_attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend == "flash_attn":
-        _flash_attn_func(required=True)
+        _FLASH_FUNC[:] = [_flash_attn_func(required=True)]
 
 
 _FLASH_FUNC: list[Callable] = []  # flash_attn_func, once resolve_backend chose it (read, never imported, when traced)
 
 
+@functools.cache  # per call of generate(), but the answer only depends on these
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
                     head_dim: int) -> str:
     """The prefix backend a ``generate()`` call uses, decided once, eagerly, before any (compiled) round: `backend`
@@ -341,8 +342,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
     device, dtype and head geometry (a tiny call of each decides: a kernel that refuses inside a compiled graph could
     not fall through). Checks the name, and that flash-attn is installed when asked for by name."""
     check_backend(backend)
-    if backend == "flash_attn":
-        _FLASH_FUNC[:] = [_flash_attn_func(required=True)]
     if backend != "auto":
         return backend
     query = torch.zeros(1, heads, 2, head_dim, device=device, dtype=dtype)
@@ -539,7 +538,7 @@ def hybrid_tree_attention(
                                {**kwargs, "is_causal": is_causal})
     check_attention_inputs(module, kwargs, is_causal)
     if tree_attn_backend not in BACKENDS or (tree_attn_backend == "flash_attn" and not _FLASH_FUNC):
-        resolve_backend(tree_attn_backend, query.device, query.dtype, 1, 1, 8)  # the name's error, once
+        check_backend(tree_attn_backend)  # the name's error; flash-attn imported once
     prefix_len, q_len = int(tree_prefix_len), query.shape[2]
     if key.shape[2] != prefix_len + q_len:
         raise ValueError(

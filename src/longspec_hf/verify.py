@@ -250,7 +250,8 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor | None:
     host_lengths = [len(p) for p in paths]
     longest = max(host_lengths)
     lengths = torch.tensor(host_lengths, device=device)
-    new_valid = torch.arange(1 + longest, device=device)[None] <= lengths[:, None]  # [B, 1 + max_k]
+    all_valid = min(host_lengths) == longest
+    new_valid = None if all_valid else torch.arange(1 + longest, device=device)[None] <= lengths[:, None]  # [B, 1+k]
     # A path that is already in place (a chain accepted from its first node on) needs no move.
     in_place = all(p == list(range(1, len(p) + 1)) for p in paths)
     if longest and not in_place:
@@ -262,11 +263,10 @@ def compact(state: TargetState, paths: list[list[int]]) -> torch.Tensor | None:
                 kv[:, :, dst] = kv.gather(2, src[:, None, :, None].expand(b, h, longest, d))
     if total > prefix_len + 1 + longest:
         cache.crop(-(total - prefix_len - 1 - longest))
-    all_valid = min(host_lengths) == longest
     new_positions = state.next_positions[:, None] + torch.arange(1 + longest, device=device)[None]
-    state.append_slots(new_positions, None if all_valid else new_valid)
+    state.append_slots(new_positions, new_valid)
     state.next_positions = state.next_positions + 1 + lengths
-    return None if all_valid else new_valid
+    return new_valid
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
