@@ -245,6 +245,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--auto-evidence", default=None, metavar="FILE",
+                        help="record what tree_shape=\"auto\"'s models predicted and what happened into FILE (JSON), "
+                             "and print how other values of their constants would have predicted it")
 
 
 def add_generate_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -294,6 +294,11 @@ def test_predictions_are_scaled_towards_what_the_call_accepts():
     assert under.scale == auto_tree.SCALE_RANGE[1]
     over = planner_after([], predicted=2.0)
     assert over.scale == auto_tree.SCALE_RANGE[0]
-    assert over.calibrated([0], [0.9]) == [pytest.approx(0.5 * over.acceptance.h(0.9))]
     assert planner_after([1], predicted=1.0).scale == pytest.approx(1.0)
-    assert under.calibrated([0], [0.9]) == [1.0]  # a probability stays one at most
+    for planner in (under, over):  # the scaled prediction of a child, a probability (one at most)
+        planner.begin_round(1000, 1, 3)
+        probabilities = torch.tensor([[0.92, 0.05]])
+        planner.levels, planner._step_start = [], 0.0
+        planner.choose(0, torch.zeros(1, 2, dtype=torch.long), probabilities.log(), probabilities.log()[:, None])
+        h = planner.acceptance.h(0.92)
+        assert planner.level_acceptance[0][0] == pytest.approx(min(planner.scale * h, 1.0))

@@ -36,46 +36,51 @@ RANK_PRIOR = (0.6, 0.1, 0.05, 0.03)
 
 
 class AcceptanceModel:
-    """Calibrated acceptance of draft tokens; cheap host arithmetic, updated once per round."""
+    """Calibrated acceptance of draft tokens; cheap host arithmetic, updated once per round. The keyword arguments
+    (the module's constants by default) exist for the replay of recorded evidence (:mod:`~longspec_hf.auto_evidence`),
+    which scores other values on the same observations."""
 
-    def __init__(self, ranks: int = 16):
-        centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
-        self.hits = [[PRIOR_WEIGHT * c for c in centers] for _ in range(RANK_CLASSES)]  # [rank class][bin]
-        self.trials = [[PRIOR_WEIGHT] * len(centers) for _ in range(RANK_CLASSES)]
-        self.rank_hits = [[PRIOR_WEIGHT * rank_prior(r) for r in range(ranks)] for _ in range(DEPTHS)]
-        self.rank_trials = [[PRIOR_WEIGHT] * ranks for _ in range(DEPTHS)]
-        self._tables: list[list[float] | None] = [None] * RANK_CLASSES
+    def __init__(self, ranks: int = 16, edges: Sequence[float] = EDGES, prior_weight: float = PRIOR_WEIGHT,
+                 depths: int = DEPTHS, rank_classes: int = RANK_CLASSES, rank_prior: Sequence[float] = RANK_PRIOR):
+        self.edges, self.prior_weight, self.depths = tuple(edges), prior_weight, depths
+        self.rank_classes, self.rank_prior = rank_classes, tuple(rank_prior)
+        self.centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(self.edges, self.edges[1:], strict=False)]
+        self.hits = [[prior_weight * c for c in self.centers] for _ in range(rank_classes)]  # [rank class][bin]
+        self.trials = [[prior_weight] * len(self.centers) for _ in range(rank_classes)]
+        self.rank_hits = [[prior_weight * self.prior(r) for r in range(ranks)] for _ in range(depths)]
+        self.rank_trials = [[prior_weight] * ranks for _ in range(depths)]
+        self._tables: list[list[float] | None] = [None] * rank_classes
 
     def observe(self, probabilities: Sequence[float], accepted: Sequence[bool], depth: int = 0) -> None:
         """Candidate children of one accepted node at `depth`, in the draft's rank order: their draft probabilities
         and which one (if any) is the target's token."""
-        hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
+        hits, trials = self.rank_hits[min(depth, self.depths - 1)], self.rank_trials[min(depth, self.depths - 1)]
         for rank, (q, hit) in enumerate(zip(probabilities, accepted, strict=True)):
-            b, c = bin_of(q), rank_class(rank)
+            b, c = self.bin_of(q), self.rank_class(rank)
             self.hits[c][b] += hit
             self.trials[c][b] += 1
             if rank < len(hits):
                 hits[rank] += hit
                 trials[rank] += 1
-        self._tables = [None] * RANK_CLASSES
+        self._tables = [None] * self.rank_classes
 
     def forget(self, keep: float = 0.5) -> None:
         """Shrink the evidence towards the prior (a new call may read other text), keeping its shape."""
-        centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(EDGES, EDGES[1:], strict=False)]
+        w = self.prior_weight
         for class_hits, class_trials in zip(self.hits, self.trials, strict=True):
-            for b, c in enumerate(centers):
-                class_hits[b] = PRIOR_WEIGHT * c + keep * (class_hits[b] - PRIOR_WEIGHT * c)
-                class_trials[b] = PRIOR_WEIGHT + keep * (class_trials[b] - PRIOR_WEIGHT)
+            for b, c in enumerate(self.centers):
+                class_hits[b] = w * c + keep * (class_hits[b] - w * c)
+                class_trials[b] = w + keep * (class_trials[b] - w)
         for hits, trials in zip(self.rank_hits, self.rank_trials, strict=True):
             for r in range(len(hits)):
-                hits[r] = PRIOR_WEIGHT * rank_prior(r) + keep * (hits[r] - PRIOR_WEIGHT * rank_prior(r))
-                trials[r] = PRIOR_WEIGHT + keep * (trials[r] - PRIOR_WEIGHT)
-        self._tables = [None] * RANK_CLASSES
+                hits[r] = w * self.prior(r) + keep * (hits[r] - w * self.prior(r))
+                trials[r] = w + keep * (trials[r] - w)
+        self._tables = [None] * self.rank_classes
 
     def table(self, rank: int = 0) -> list[float]:
         """Calibrated acceptance per bin of children of sibling rank `rank`, made non-decreasing by pooling
         adjacent violators."""
-        c = rank_class(rank)
+        c = self.rank_class(rank)
         if self._tables[c] is None:
             hits, trials = self.hits[c], self.trials[c]
             self._tables[c] = monotone([h / t for h, t in zip(hits, trials, strict=True)], trials)
@@ -83,24 +88,21 @@ class AcceptanceModel:
 
     def h(self, q: float, rank: int = 0) -> float:
         """Acceptance of a child with draft probability `q` that is its parent's `rank`-th most likely (0-based)."""
-        return self.table(rank)[bin_of(q)]
+        return self.table(rank)[self.bin_of(q)]
 
     def rank_rate(self, rank: int, depth: int = 0) -> float:
-        hits, trials = self.rank_hits[min(depth, DEPTHS - 1)], self.rank_trials[min(depth, DEPTHS - 1)]
+        hits, trials = self.rank_hits[min(depth, self.depths - 1)], self.rank_trials[min(depth, self.depths - 1)]
         rank = min(rank, len(hits) - 1)
         return hits[rank] / trials[rank]
 
+    def rank_class(self, rank: int) -> int:
+        return min(rank, self.rank_classes - 1)
 
-def rank_class(rank: int) -> int:
-    return min(rank, RANK_CLASSES - 1)
+    def prior(self, rank: int) -> float:
+        return self.rank_prior[min(rank, len(self.rank_prior) - 1)]
 
-
-def rank_prior(rank: int) -> float:
-    return RANK_PRIOR[min(rank, len(RANK_PRIOR) - 1)]
-
-
-def bin_of(q: float) -> int:
-    return min(max(bisect.bisect_right(EDGES, q) - 1, 0), len(EDGES) - 2)
+    def bin_of(self, q: float) -> int:
+        return min(max(bisect.bisect_right(self.edges, q) - 1, 0), len(self.edges) - 2)
 
 
 def monotone(values: list[float], weights: list[float]) -> list[float]:

@@ -28,6 +28,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 
@@ -57,6 +58,8 @@ LOOKUP_PRIOR, LOOKUP_MEMORY = 1.0, 16
 # per-node probabilities misses that acceptance along a path is correlated (a draft on track stays on it), by an
 # amount that depends on the text.
 SCALE_RATE, SCALE_RANGE = 0.2, (0.5, 2.0)
+# While set (by `longspec_hf.auto_evidence.recording`), each call's rounds are recorded in a list it gives out.
+EVIDENCE: ContextVar = ContextVar("longspec_auto_evidence", default=None)
 
 
 def measure_sizes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -106,6 +109,9 @@ class AutoTree:
         self.rounds_without_lookup = 0
         self._last_round = (1.0, 1, 0.0)  # per row: expected tokens, tree nodes, draft seconds of the last round
         self.scale = 1.0  # accepted / predicted draft tokens of this call, as a correction of the predictions
+        self.evidence = EVIDENCE.get()  # a list while recording evidence for the replay of auto's constants
+        if self.evidence is not None:
+            self.evidence = self.evidence.new_call()
 
     # ----------------------------------------------------------------------------------------------------------------
     # first use: a few timed forwards
@@ -176,6 +182,10 @@ class AutoTree:
         self.nodes, self.draft_seconds = 1 + (lookup_nodes if self.lookup else 0), 0.0  # nodes to verify
         self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
+        # h along the path of each of the level's nodes, per row, and of every kept node of the round: what the
+        # call's scale multiplies (kept so that recorded evidence can replay other scale rules)
+        self.level_paths: list[list[list[float]]] = [[[]] for _ in range(rows)]
+        self.kept_paths: list[list[float]] = []
         self.level_means = [1.0]
         self.levels: list[tuple[int, list, list]] = []  # (first node, top-K ids [B][m][K], their probabilities)
         self.shape: list[int] = []
@@ -260,8 +270,9 @@ class AutoTree:
         if self.forced is not None:
             return self.forced[depth]
         self.levels.append((self.tree_nodes - width, level_ids, level_probabilities))
-        candidates = [[self.level_acceptance[r][p] * h for p, h in zip(parents[r], self.calibrated(
-            parents[r], probabilities[r]), strict=True)] for r in range(self.rows)]  # [B][K], in beam order
+        raw = [self.calibrated(parents[r], probabilities[r]) for r in range(self.rows)]  # [B][K], in beam order
+        candidates = [[self.level_acceptance[r][p] * min(self.scale * h, 1.0) for p, h in zip(
+            parents[r], raw[r], strict=True)] for r in range(self.rows)]  # [B][K]
         means = [sum(column) / self.rows for column in zip(*candidates, strict=True)]
         gains = list(itertools.accumulate(means, initial=0.0))
         best, keep = self.expected / self.seconds(self.draft_seconds, self.nodes), 0
@@ -279,18 +290,22 @@ class AutoTree:
             self.nodes += keep
             self.tree_nodes += keep
             self.level_acceptance = [row[:keep] for row in candidates]
+            self.level_paths = [[self.level_paths[r][p] + [h] for p, h in zip(parents[r][:keep], raw[r][:keep],
+                                                                              strict=True)] for r in range(self.rows)]
+            self.kept_paths += [path for row in self.level_paths for path in row]
             self.level_means = means[:keep]
             self.shape.append(keep)
         return keep
 
     def calibrated(self, parents: list[int], probabilities: list[float]) -> list[float]:
-        """h of one row's candidates (beam order: a parent's children come in its own rank order)."""
+        """h of one row's candidates (beam order: a parent's children come in its own rank order), before the
+        call's scale."""
         seen: dict[int, int] = {}
         out = []
         for parent, q in zip(parents, probabilities, strict=True):
             rank = seen.get(parent, 0)
             seen[parent] = rank + 1
-            out.append(min(self.scale * self.acceptance.h(q, rank), 1.0))
+            out.append(self.acceptance.h(q, rank))
         return out
 
     def verified(self) -> None:
@@ -309,29 +324,40 @@ class AutoTree:
             self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
         draft_expected = self.expected - self.base_expected + self.rows  # the round's tokens without the branch
         self._last_round = (draft_expected / self.rows, self.tree_nodes, self.draft_seconds)
+        accepted = sum(node < self.tree_nodes for path in paths for node in path)
+        beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
+        observations = self.observations(paths, new_tokens)
+        if self.evidence is not None and self.forced is None:
+            self.evidence.append({"rows": self.rows, "context": self.context, "paths": self.kept_paths,
+                                  "accepted": accepted, "lookup_beyond": beyond if self.lookup else None,
+                                  "observations": observations})
         if self.levels and self.forced is None:
-            accepted = sum(node < self.tree_nodes for path in paths for node in path)
             factor = ((accepted + 1) / (self.expected - self.base_expected + 1)) ** SCALE_RATE
             self.scale = min(max(self.scale * factor, SCALE_RANGE[0]), SCALE_RANGE[1])
         if self.lookup:
-            beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
             self.lookup_gain += (beyond - self.lookup_gain) / (self._lookup_weight + 1)
             self._lookup_weight = min(self._lookup_weight + 1, LOOKUP_MEMORY)
             self.rounds_without_lookup = 0
         elif self._lookup_offered:
             self.rounds_without_lookup += 1
-        levels = self.levels
-        for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
-            for node, token in zip([0, *path], tokens, strict=True):
-                for depth, (first, ids, probabilities) in enumerate(levels):
-                    if first <= node < first + len(ids[row]):
-                        local = node - first
-                        self.acceptance.observe(probabilities[row][local], [t == token for t in ids[row][local]],
-                                                depth)
+        for probabilities, hits, depth in observations:
+            self.acceptance.observe(probabilities, hits, depth)
         if self.stats is not None:
             name = ",".join(map(str, self.shape)) or "none"
             self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1
             self.stats.predicted_accepted += self.expected - self.base_expected
+
+    def observations(self, paths: list[list[int]], new_tokens: list[list[int]]) -> list[tuple[list, list, int]]:
+        """`(draft probabilities, whether each is the target's token, depth)` of the candidate children of every
+        drafted node on an accepted path (the root included), in the draft's rank order."""
+        out = []
+        for row, (path, tokens) in enumerate(zip(paths, new_tokens, strict=True)):
+            for node, token in zip([0, *path], tokens, strict=True):
+                for depth, (first, ids, probabilities) in enumerate(self.levels):
+                    if first <= node < first + len(ids[row]):
+                        local = node - first
+                        out.append((probabilities[row][local], [t == token for t in ids[row][local]], depth))
+        return out
 
     def finish(self) -> None:
         self.cost.save()

@@ -32,8 +32,10 @@ from .compat import config_value
 
 KINDS = ("verify", "draft", "rest")
 SCHEMA = "longspec-auto-cost/1"
-NEAR = math.log(1.4)  # a context within this factor of a measured one needs no new measurement
 BANDWIDTH = 0.15  # log-context kernel width: samples at 2x the context weigh e^-4.6 as much
+# A context whose nearest measurement would weigh at least a tenth (within a factor e^(0.15 ln 10) = 1.41) needs no
+# new measurement: derived from the kernel rather than set apart from it.
+NEAR_WEIGHT = 0.1
 MAX_SAMPLES = 400  # per kind and batch size, oldest dropped first (anchors from measurements are kept)
 
 
@@ -70,6 +72,12 @@ class CostModel:
         self.path = path
         self.samples: dict[str, list[list[float]]] = {}  # "kind/B" -> [[context, size, seconds, anchor], ...]
         self.changed = False
+        self.bandwidth = BANDWIDTH  # another value only where recorded samples are replayed (auto_evidence)
+
+    @property
+    def near(self) -> float:
+        """Log-context distance within which a measurement counts as near (its kernel weight >= NEAR_WEIGHT)."""
+        return -self.bandwidth * math.log(NEAR_WEIGHT)
 
     @classmethod
     def load(cls, key: dict, folder: Path | None = None) -> CostModel:
@@ -131,7 +139,7 @@ class CostModel:
     def has_near(self, kind: str, rows: int, context: int) -> bool:
         """Whether a measurement (not only round samples) exists for this batch size near this context."""
         log_context = math.log(max(context, 1))
-        return any(s[3] and abs(math.log(max(s[0], 1)) - log_context) <= NEAR
+        return any(s[3] and abs(math.log(max(s[0], 1)) - log_context) <= self.near
                    for s in self.samples.get(f"{kind}/{rows}", []))
 
     def curve(self, kind: str, rows: int, context: int) -> Curve:
@@ -148,7 +156,7 @@ class CostModel:
         for s in samples:
             # Relative to the nearest sample, so far-away contexts still give a curve when nothing is near.
             distance = abs(math.log(max(s[0], 1)) - log_context) - nearest
-            by_size.setdefault(s[1], []).append((s[2], math.exp(-distance / BANDWIDTH)))
+            by_size.setdefault(s[1], []).append((s[2], math.exp(-distance / self.bandwidth)))
         # A size seen only at far contexts would bend the curve with another context's cost: left out.
         sizes = sorted(size for size, timed in by_size.items() if sum(w for _, w in timed) > 0.05)
         medians = [weighted_median(by_size[size]) for size in sizes]
@@ -182,7 +190,7 @@ def plot_curves(model: CostModel, contexts: list[int], path: str | Path, rows: i
         curve = model.curve("verify", rows, context)
         line = ax.plot(sizes, [1000 * curve(s) for s in sizes], label=f"{context} tokens")[0]
         near = [s for s in model.samples.get(f"verify/{rows}", [])
-                if abs(math.log(max(s[0], 1) / context)) <= NEAR / 2 and s[1] <= max_size]
+                if abs(math.log(max(s[0], 1) / context)) <= model.near / 2 and s[1] <= max_size]
         ax.scatter([s[1] for s in near], [1000 * s[2] for s in near], s=6, alpha=0.3, color=line.get_color())
     ax.set_xlabel("tree nodes verified (root included)")
     ax.set_ylabel("verification forward (ms)")

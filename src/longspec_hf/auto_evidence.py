@@ -1,0 +1,275 @@
+"""Evidence for the constants of ``tree_shape="auto"``: what its models predicted in real calls, replayed offline.
+
+The policy's models are estimators, and each of their constants sets a trade-off (a prior's weight, a bin grid, a
+memory length, a kernel width). Timing a whole bench per value cannot separate them: single runs of the same policy
+vary by more than the differences between values. What can be measured exactly is each estimator's error on the
+events it predicts, which do not depend on the timing noise. :func:`recording` captures, per round of real
+``generate()`` calls under ``"auto"``:
+
+* the acceptance observations (every candidate child of every accepted drafted node: its draft probability, its
+  sibling rank, its depth, whether it was the target's token) that the acceptance model learns from;
+* per kept draft node, the calibrated `h` along its path (what the call's scale multiplies), and the round's
+  accepted draft tokens;
+* the prompt-lookup branch's accepted tokens beyond the draft's, in rounds that verified it;
+
+and, at the end, the cost models' timing samples. The replays then score each estimator with other constants on the
+same events, predicting each event only from those before it (prequential): the acceptance model by log-loss, the
+call's scale and the lookup branch's running mean by the error of their prediction of a round, the cost curves by
+the error of their prediction of the next timed forward.
+
+``longspec eval ... --auto-evidence FILE`` records while it measures tau and prints the replay; ``python -m
+longspec_hf.auto_evidence FILE`` replays a recorded file again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+
+from . import auto_tree, cost_model
+from .acceptance import AcceptanceModel
+from .cost_model import CostModel
+
+COARSE_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)
+FINE_EDGES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4,
+              0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0001)
+CALL_KEEP = 0.5  # what generation.call_acceptance keeps of the previous calls' evidence
+
+
+class Evidence:
+    """Recorded rounds, one list per ``generate()`` call, and the cost models' samples (filled on exit)."""
+
+    def __init__(self):
+        self.calls: list[list[dict]] = []
+        self.cost_samples: list[dict] = []
+
+    def new_call(self) -> list[dict]:
+        self.calls.append([])
+        return self.calls[-1]
+
+    def to_json(self) -> dict:
+        return {"calls": self.calls, "cost_samples": self.cost_samples}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Evidence:
+        evidence = cls()
+        evidence.calls, evidence.cost_samples = data["calls"], data["cost_samples"]
+        return evidence
+
+
+@contextlib.contextmanager
+def recording():
+    """Record the evidence of every ``tree_shape="auto"`` call made inside the block (this thread or task)."""
+    evidence = Evidence()
+    token = auto_tree.EVIDENCE.set(evidence)
+    try:
+        yield evidence
+    finally:
+        auto_tree.EVIDENCE.reset(token)
+        evidence.cost_samples = [model.samples for model in cost_model._MODELS.values() if model.samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the acceptance model: log-loss of each observation, predicted before the round that made it was observed
+
+def log_loss(p: float, hit: bool) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return -math.log(p if hit else 1 - p)
+
+
+def acceptance_loss(evidence: Evidence, keep: float = CALL_KEEP,
+                    **settings) -> tuple[float, float, int, AcceptanceModel]:
+    """(mean log-loss of ``h(q, rank)``, of ``rank_rate(rank, depth)``, observations, the model at the end) over the
+    recorded calls, with one :class:`AcceptanceModel` built from `settings` carried across calls as ``generate()``
+    carries a drafter's."""
+    model = AcceptanceModel(**settings)
+    h_loss = rank_loss = 0.0
+    count = 0
+    for index, call in enumerate(evidence.calls):
+        if index:
+            model.forget(keep)
+        for round in call:
+            for probabilities, hits, depth in round["observations"]:  # predicted first: the round's own choices
+                for rank, (q, hit) in enumerate(zip(probabilities, hits, strict=True)):
+                    h_loss += log_loss(model.h(q, rank), hit)
+                    rank_loss += log_loss(model.rank_rate(rank, depth), hit)
+                    count += 1
+            for probabilities, hits, depth in round["observations"]:
+                model.observe(probabilities, hits, depth)
+    return h_loss / max(count, 1), rank_loss / max(count, 1), count, model
+
+
+ACCEPTANCE_VARIANTS = {
+    "as shipped": {},
+    "prior weight 1": {"prior_weight": 1.0},
+    "prior weight 10": {"prior_weight": 10.0},
+    "10 even bins": {"edges": COARSE_EDGES},
+    "32 bins": {"edges": FINE_EDGES},
+    "one h table for all ranks": {"rank_classes": 1},
+    "three h tables (ranks 0, 1, 2+)": {"rank_classes": 3},
+    "rank rates for one depth": {"depths": 1},
+    "rank rates for 2 depths": {"depths": 2},
+    "rank rates for 6 depths": {"depths": 6},
+    "rank prior 0.3/0.05/0.02/0.01": {"rank_prior": (0.3, 0.05, 0.02, 0.01)},
+    "rank prior flat 0.1": {"rank_prior": (0.1,)},
+    "calls forget all (keep 0)": {"keep": 0.0},
+    "calls forget nothing (keep 1)": {"keep": 1.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the call's scale: predicted against accepted draft tokens per round
+
+def scaled_rounds(call: list[dict], rate: float | None = auto_tree.SCALE_RATE,
+                  bounds: tuple[float, float] = auto_tree.SCALE_RANGE):
+    """`(predicted, accepted, rows)` draft tokens of each drafted round of a call, the prediction scaled as
+    :class:`~longspec_hf.auto_tree.AutoTree` scales it with `rate` (0: no scale) and `bounds`; `rate=None`: by the
+    ratio of the call's accepted to predicted tokens so far, unbounded."""
+    scale, accepted_sum, predicted_sum = 1.0, 0.0, 0.0
+    for round in call:
+        if not round["paths"]:
+            continue
+        predicted = sum(math.prod(min(scale * h, 1.0) for h in path) for path in round["paths"])
+        yield predicted, round["accepted"], round["rows"]
+        if rate is None:
+            accepted_sum += round["accepted"]
+            predicted_sum += sum(math.prod(min(h, 1.0) for h in path) for path in round["paths"])
+            scale = (accepted_sum + 1) / (predicted_sum + 1)
+        else:
+            factor = ((round["accepted"] + 1) / (predicted + 1)) ** rate
+            scale = min(max(scale * factor, bounds[0]), bounds[1])
+
+
+def scale_error(evidence: Evidence, **settings) -> tuple[float, float, int]:
+    """(root mean square error, mean error) of the rounds' predicted accepted draft tokens per row, and the rounds
+    scored, under :func:`scaled_rounds` with `settings`."""
+    errors = [(predicted - accepted) / rows for call in evidence.calls
+              for predicted, accepted, rows in scaled_rounds(call, **settings)]
+    if not errors:
+        return math.nan, math.nan, 0
+    return math.sqrt(sum(e * e for e in errors) / len(errors)), sum(errors) / len(errors), len(errors)
+
+
+SCALE_VARIANTS = {
+    "no scale": {"rate": 0.0},
+    "rate 0.1": {"rate": 0.1},
+    "rate 0.2 (as shipped)": {},
+    "rate 0.5": {"rate": 0.5},
+    "rate 1": {"rate": 1.0},
+    "rate 0.2, range 0.25-4": {"bounds": (0.25, 4.0)},
+    "ratio of the call's sums": {"rate": None},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the lookup branch's running mean
+
+def lookup_error(evidence: Evidence, prior: float = auto_tree.LOOKUP_PRIOR,
+                 memory: int = auto_tree.LOOKUP_MEMORY) -> tuple[float, int]:
+    """(root mean square error, rounds) of the running mean's prediction of the branch's tokens beyond the draft's
+    in each round that verified it."""
+    squared, count = 0.0, 0
+    for call in evidence.calls:
+        gain, weight = prior, 1.0
+        for round in call:
+            beyond = round["lookup_beyond"]
+            if beyond is None:
+                continue
+            squared, count = squared + (gain - beyond) ** 2, count + 1
+            gain += (beyond - gain) / (weight + 1)
+            weight = min(weight + 1, memory)
+    return math.sqrt(squared / max(count, 1)), count
+
+
+LOOKUP_VARIANTS = {
+    "memory 1 (last round)": {"memory": 1},
+    "memory 4": {"memory": 4},
+    "memory 16 (as shipped)": {},
+    "memory 64": {"memory": 64},
+    "whole call": {"memory": 10**9},
+    "prior 0": {"prior": 0.0},
+    "prior 3": {"prior": 3.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the cost curves: each round's timed verification predicted from the samples before it
+
+def cost_error(evidence: Evidence, bandwidth: float = cost_model.BANDWIDTH, kind: str = "verify",
+               stride: int = 3) -> tuple[float, int, float]:
+    """(median |log(predicted / measured)|, samples scored, milliseconds per curve fit) of every `stride`-th round
+    sample of `kind`, predicted by the curve of the samples before it (measurements and rounds) with `bandwidth`."""
+    errors, fit_seconds, fits = [], 0.0, 0
+    for samples in evidence.cost_samples:
+        for name, rows in samples.items():
+            if not name.startswith(kind + "/"):
+                continue
+            for i in range(1, len(rows), stride):
+                context, size, seconds, anchor = rows[i]
+                if anchor or seconds <= 0:
+                    continue
+                model = CostModel()
+                model.bandwidth, model.samples = bandwidth, {name: rows[:i]}
+                start = time.perf_counter()
+                curve = model.curve(kind, int(name.split("/")[1]), int(context))
+                fit_seconds, fits = fit_seconds + time.perf_counter() - start, fits + 1
+                predicted = curve(size)
+                if predicted > 0:
+                    errors.append(abs(math.log(predicted / seconds)))
+    return (statistics.median(errors) if errors else math.nan), len(errors), 1000 * fit_seconds / max(fits, 1)
+
+
+BANDWIDTHS = (0.05, 0.1, 0.15, 0.3, 0.6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def replay(evidence: Evidence) -> str:
+    """The replay's tables (markdown)."""
+    rounds = sum(len(call) for call in evidence.calls)
+    lines = [f"{len(evidence.calls)} calls, {rounds} rounds.", "",
+             "| acceptance model | log-loss of h | log-loss of rank rates | observations |", "|---|---|---|---|"]
+    for label, settings in ACCEPTANCE_VARIANTS.items():
+        h_loss, rank_loss, count, _ = acceptance_loss(evidence, **settings)
+        lines.append(f"| {label} | {h_loss:.4f} | {rank_loss:.4f} | {count} |")
+    lines += ["", "| scale of the predictions | RMSE (tokens per row and round) | mean error | rounds |",
+              "|---|---|---|---|"]
+    for label, settings in SCALE_VARIANTS.items():
+        rmse, bias, count = scale_error(evidence, **settings)
+        lines.append(f"| {label} | {rmse:.3f} | {bias:+.3f} | {count} |")
+    lines += ["", "| lookup branch's running mean | RMSE (tokens per row and round) | rounds |", "|---|---|---|"]
+    for label, settings in LOOKUP_VARIANTS.items():
+        rmse, count = lookup_error(evidence, **settings)
+        lines.append(f"| {label} | {rmse:.3f} | {count} |")
+    lines += ["", "| cost curves' bandwidth (log context) | median abs log error of the next verification | "
+              "samples | ms per fit |", "|---|---|---|---|"]
+    for bandwidth in BANDWIDTHS:
+        error, count, fit_ms = cost_error(evidence, bandwidth)
+        shipped = " (as shipped)" if bandwidth == cost_model.BANDWIDTH else ""
+        lines.append(f"| {bandwidth}{shipped} | {error:.3f} | {count} | {fit_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def save(evidence: Evidence, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(evidence.to_json(), f)
+
+
+def load(path: str) -> Evidence:
+    with open(path) as f:
+        return Evidence.from_json(json.load(f))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m longspec_hf.auto_evidence EVIDENCE.json  (written by longspec eval --auto-evidence)")
+    print(replay(load(argv[0])))
+
+
+if __name__ == "__main__":
+    main()

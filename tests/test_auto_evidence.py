@@ -1,0 +1,104 @@
+"""auto's evidence: recorded from real calls, replayed exactly (the replay of the shipped constants reproduces what
+the live models predicted), and scored fairly (an estimator that fits the events scores better)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+from conftest import GPU_LIKE, OracleDrafter, plain_greedy, random_prompt, tiny_target
+
+import longspec_hf_cli
+from longspec_hf import auto_evidence, evaluation
+from longspec_hf.tree import AUTO
+
+
+@pytest.fixture
+def recorded(device_costs):
+    """Two calls of one drafter (its acceptance model carried from the first call to the second), right but for
+    every 7th position."""
+    device_costs(**GPU_LIKE)
+    target = tiny_target("llama")
+    oracle, stats = None, []
+    with auto_evidence.recording() as evidence:
+        for seed in (3, 4):
+            ids = random_prompt(60, seed=seed)
+            expected = plain_greedy(target, ids, max_new_tokens=40)
+            if oracle is None:
+                oracle = OracleDrafter(target, expected, AUTO, corrupt_every=7)
+            oracle.references = [expected.flatten()]
+            out = target.generate(ids, assistant_model=oracle, do_sample=False, max_new_tokens=40)
+            assert torch.equal(out, expected)  # recording changes nothing
+            stats.append(oracle.stats)
+    return evidence, oracle, stats
+
+
+def test_every_round_of_every_call_is_recorded(recorded):
+    evidence, _, stats = recorded
+    assert len(evidence.calls) == 2
+    for call, call_stats in zip(evidence.calls, stats, strict=True):
+        assert len(call) == call_stats.rounds
+        assert sum(r["accepted"] for r in call) == call_stats.accepted_tokens
+        assert sum(len(r["observations"]) for r in call) > 0
+
+
+def test_the_replay_of_the_shipped_constants_reproduces_the_live_models(recorded):
+    evidence, oracle, stats = recorded
+    *_, replayed = auto_evidence.acceptance_loss(evidence)
+    live = oracle._auto_acceptance
+    for name in ("hits", "trials", "rank_hits", "rank_trials"):
+        flat = [v for row in getattr(live, name) for v in row]
+        assert [v for row in getattr(replayed, name) for v in row] == pytest.approx(flat)
+    assert sum(live.trials[0]) > sum(replayed.__class__().trials[0])  # it did learn
+    for call, call_stats in zip(evidence.calls, stats, strict=True):
+        predicted = sum(p for p, _, _ in auto_evidence.scaled_rounds(call))
+        assert predicted == pytest.approx(call_stats.predicted_accepted)
+
+
+def test_an_estimator_that_fits_the_events_scores_better():
+    def round_(h, accepted, beyond=None):
+        return {"rows": 1, "context": 100, "paths": [[h], [h, h]], "accepted": accepted, "lookup_beyond": beyond,
+                "observations": [([h, 0.01], [accepted > 0, False], 0)]}
+
+    # Predicted 0.5 + 0.25 per round, always accepted 2: a scale must learn it, more the faster it may.
+    evidence = auto_evidence.Evidence()
+    evidence.calls = [[round_(0.5, 2, beyond=3.0) for _ in range(30)]]
+    none, bias_none, count = auto_evidence.scale_error(evidence, rate=0.0)
+    shipped, bias_shipped, _ = auto_evidence.scale_error(evidence)
+    assert count == 30 and bias_none == pytest.approx(-1.25) and shipped < none and bias_none < bias_shipped < 0
+    # A steady branch: a right prior predicts it exactly; from a wrong one, a short memory gets there sooner.
+    assert auto_evidence.lookup_error(evidence, prior=3.0)[0] == 0.0
+    assert auto_evidence.lookup_error(evidence, prior=0.0, memory=1)[0] < auto_evidence.lookup_error(
+        evidence, prior=0.0, memory=1000)[0]
+    # Always accepted at q = 0.5: the calibration learns it, the prior alone would say 0.5.
+    h_loss, _, count, model = auto_evidence.acceptance_loss(evidence)
+    assert count == 60 and model.h(0.5) > 0.9 and h_loss < auto_evidence.log_loss(0.5, True)
+
+
+def test_cost_curves_replayed_on_a_linear_device_predict_it():
+    rows = [[1000.0, float(n), 0.01 + 0.001 * n, 1.0] for n in (1, 8, 32)]
+    rows += [[1000.0 + 10 * i, float(n), 0.01 + 0.001 * n, 0.0] for i, n in enumerate([2, 5, 9, 17, 30] * 6)]
+    evidence = auto_evidence.Evidence()
+    evidence.cost_samples = [{"verify/1": rows}]
+    error, count, fit_ms = auto_evidence.cost_error(evidence, stride=1)
+    assert count == 30 and error < 0.05 and fit_ms > 0
+
+
+def test_eval_records_and_replays_evidence(tmp_path, capsys):
+    path = tmp_path / "evidence.json"
+    parser = argparse.ArgumentParser()
+    longspec_hf_cli.add_eval_arguments(parser)
+    args = parser.parse_args(["--target", "toy:llama", "--draft", "self", "--contexts", "24", "--max-new-tokens",
+                              "6", "--prompts", "2", "--tree-shape", "auto", "--auto-evidence", str(path)])
+    evaluation.evaluate_cli(args)
+    out = capsys.readouterr().out
+    assert "| as shipped |" in out and "| rate 0.2 (as shipped) |" in out and "ms per fit" in out
+    evidence = auto_evidence.load(str(path))
+    assert len(evidence.calls) == 4  # 2 domains x 2 prompts
+    auto_evidence.main([str(path)])
+    assert auto_evidence.replay(evidence) in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="usage"):
+        auto_evidence.main([])
+    assert all(math.isfinite(v) for v in auto_evidence.acceptance_loss(evidence)[:2])
