@@ -254,6 +254,109 @@ def replay(evidence: Evidence) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the policy's own constants: real calls on a frozen device, so that only the constants differ between runs
+
+@contextlib.contextmanager
+def policy_constants(**values):
+    """Set module constants of :mod:`~longspec_hf.auto_tree` (e.g. ``HORIZON=2``) inside the block."""
+    unknown = [name for name in values if not hasattr(auto_tree, name)]
+    if unknown:
+        raise ValueError(f"auto_tree has no constant {unknown[0]}")
+    saved = {name: getattr(auto_tree, name) for name in values}
+    for name, value in values.items():
+        setattr(auto_tree, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(auto_tree, name, value)
+
+
+@contextlib.contextmanager
+def frozen_device(target, drafter, samples: dict):
+    """Calls of `drafter` with `target` inside the block use a frozen cost model of `samples` (a cost model's
+    ``samples``): it learns nothing and its curves are the device, draft forwards included, so the policy's
+    decisions depend on the text and the constants only."""
+    model = CostModel()
+    model.samples, model.frozen = samples, True
+    name = cost_model.registry_name(target, drafter)
+    saved = cost_model._MODELS.get(name)
+    cost_model._MODELS[name] = model
+    try:
+        yield model
+    finally:
+        if saved is None:
+            cost_model._MODELS.pop(name, None)
+        else:
+            cost_model._MODELS[name] = saved
+
+
+def modelled_seconds(round: dict, model: CostModel) -> float:
+    """A recorded round's seconds on the device `model` describes: its draft forwards, verification and rest."""
+    rows, context = round["rows"], round["context"]
+    draft = model.curve("draft", rows, context)
+    return sum(draft(w) for w in round["drafted"]) + model.curve("verify", rows, context)(round["nodes"]) + \
+        model.curve("rest", rows, context)(round["nodes"])
+
+
+def modelled_run(target, drafter, prompts: list, samples: dict, max_new_tokens: int, **constants) -> dict:
+    """Greedy calls of `drafter` on `prompts` under ``tree_shape="auto"`` with `constants` of
+    :mod:`~longspec_hf.auto_tree` on the frozen device of `samples`: tokens, modelled seconds and tau. The drafter's
+    acceptance model starts afresh, so every run meets the same evidence in the same order."""
+    import torch
+
+    drafter._auto_acceptance = None
+    with policy_constants(**constants), frozen_device(target, drafter, samples) as model, recording() as evidence:
+        for ids in prompts:
+            target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,
+                            max_new_tokens=max_new_tokens)
+    drafter._auto_acceptance = None
+    rounds = [r for call in evidence.calls for r in call]
+    tokens = sum(r["emitted"] for r in rounds)
+    seconds = sum(modelled_seconds(r, model) for r in rounds)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-12),
+            "tau": tokens / max(sum(r["rows"] for r in rounds), 1), "rounds": len(rounds)}
+
+
+POLICY_VARIANTS = {
+    "as shipped": {},
+    "HORIZON 1": {"HORIZON": 1},
+    "HORIZON 2": {"HORIZON": 2},
+    "HORIZON 8": {"HORIZON": 8},
+    "FRONTIER 1": {"FRONTIER": 1},
+    "FRONTIER 2": {"FRONTIER": 2},
+    "FRONTIER 16": {"FRONTIER": 16},
+    "WIDTHS 1,2,4,8,16": {"WIDTHS": (1, 2, 4, 8, 16)},
+    "WIDTHS 1..16": {"WIDTHS": tuple(range(1, 17))},
+    "PEEK 0.9": {"PEEK": 0.9},
+    "PEEK 1 (none)": {"PEEK": 1.0},
+    "EXPLORE_EVERY 2": {"EXPLORE_EVERY": 2},
+    "EXPLORE_EVERY 8": {"EXPLORE_EVERY": 8},
+    "EXPLORE_MAX 16": {"EXPLORE_MAX": 16},
+    "EXPLORE_MAX 256": {"EXPLORE_MAX": 256},
+    "LOOKUP_MEMORY 4": {"LOOKUP_MEMORY": 4},
+    "LOOKUP_MEMORY 64": {"LOOKUP_MEMORY": 64},
+    "LOOKUP_PRIOR 0": {"LOOKUP_PRIOR": 0.0},
+    "LOOKUP_PRIOR 3": {"LOOKUP_PRIOR": 3.0},
+    "SCALE_RATE 0 (no scale)": {"SCALE_RATE": 0.0},
+    "SCALE_RATE 0.5": {"SCALE_RATE": 0.5},
+}
+
+
+def policy_table(target, drafter, prompts: list, samples: dict, max_new_tokens: int,
+                 variants: dict | None = None) -> str:
+    """Modelled tokens per second of each variant of the policy's constants, relative to the shipped ones."""
+    variants = POLICY_VARIANTS if variants is None else variants
+    base = modelled_run(target, drafter, prompts, samples, max_new_tokens)
+    lines = ["| auto_tree constants | modelled tokens/s vs shipped | tau | rounds |", "|---|---|---|---|"]
+    for label, constants in variants.items():
+        run = base if not constants else modelled_run(target, drafter, prompts, samples, max_new_tokens, **constants)
+        lines.append(f"| {label} | {run['tokens_per_second'] / base['tokens_per_second']:.3f} | {run['tau']:.2f} | "
+                     f"{run['rounds']} |")
+    return "\n".join(lines)
+
+
 def save(evidence: Evidence, path: str) -> None:
     with open(path, "w") as f:
         json.dump(evidence.to_json(), f)
@@ -264,10 +367,43 @@ def load(path: str) -> Evidence:
         return Evidence.from_json(json.load(f))
 
 
+def policy_cli(argv: list[str]) -> None:
+    import argparse
+
+    from .evaluation import prompt_windows
+    from .loading import load_causal_lm, load_draft
+    from .training.data import load_texts
+
+    parser = argparse.ArgumentParser(prog="python -m longspec_hf.auto_evidence policy")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--draft", required=True)
+    parser.add_argument("--device-samples", required=True, metavar="EVIDENCE.json",
+                        help="the device: the cost samples recorded in this evidence file (its first cost model)")
+    parser.add_argument("--domain", action="append", default=None, metavar="NAME=SOURCE")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    target, tokenizer = load_causal_lm(args.target, args.gguf_file)
+    draft = load_draft(args.draft, target)
+    draft.generation_config.tree_shape = "auto"
+    samples = load(args.device_samples).cost_samples[0]
+    domains = dict(d.split("=", 1) for d in args.domain) if args.domain else {"code": "installed-code",
+                                                                              "prose": "installed-prose"}
+    prompts = [ids for source in domains.values() for context in args.contexts
+               for ids in prompt_windows(tokenizer, load_texts([source]), context, args.prompts)]
+    print(policy_table(target, draft, prompts, samples, args.max_new_tokens))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["policy"]:
+        return policy_cli(argv[1:])
     if len(argv) != 1:
-        sys.exit("usage: python -m longspec_hf.auto_evidence EVIDENCE.json  (written by longspec eval --auto-evidence)")
+        sys.exit("usage: python -m longspec_hf.auto_evidence EVIDENCE.json  (written by longspec eval --auto-evidence)"
+                 "\n       python -m longspec_hf.auto_evidence policy --target T --draft D --device-samples "
+                 "EVIDENCE.json ...")
     print(replay(load(argv[0])))
 
 

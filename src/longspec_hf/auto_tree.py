@@ -123,6 +123,8 @@ class AutoTree:
         once untimed first, so compilation is not measured as cost. The target's cache and the draft's state are
         left as they were."""
         rows, context = roots.shape[0], state.cache.get_seq_length()
+        if self.cost.frozen:
+            return 0.0
         need_verify = not self.cost.has_near("verify", rows, context)
         need_draft = not self.cost.has_near("draft", rows, context)
         if not (need_verify or need_draft):
@@ -189,6 +191,7 @@ class AutoTree:
         self.level_means = [1.0]
         self.levels: list[tuple[int, list, list]] = []  # (first node, top-K ids [B][m][K], their probabilities)
         self.shape: list[int] = []
+        self.drafted: list[int] = []  # widths of the levels that ran through the draft
         self.draft_end = now
         return self
 
@@ -265,7 +268,8 @@ class AutoTree:
                      for row in host]  # [B][m][K]
         now = time.perf_counter()
         self.cost.add("draft", self.rows, self.context, width, now - self._step_start, anchor=self.forced is not None)
-        self.draft_seconds += now - self._step_start
+        self.draft_seconds += self.draft_curve(width) if self.cost.frozen else now - self._step_start
+        self.drafted.append(width)
         self.draft_end = now
         if self.forced is not None:
             return self.forced[depth]
@@ -328,7 +332,8 @@ class AutoTree:
         beyond = sum(node >= self.tree_nodes for path in paths for node in path) / self.rows
         observations = self.observations(paths, new_tokens)
         if self.evidence is not None and self.forced is None:
-            self.evidence.append({"rows": self.rows, "context": self.context, "paths": self.kept_paths,
+            self.evidence.append({"rows": self.rows, "context": self.context, "drafted": self.drafted,
+                                  "nodes": len(tree), "emitted": sum(map(len, new_tokens)), "paths": self.kept_paths,
                                   "accepted": accepted, "lookup_beyond": beyond if self.lookup else None,
                                   "observations": observations})
         if self.levels and self.forced is None:

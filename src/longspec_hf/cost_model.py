@@ -73,6 +73,9 @@ class CostModel:
         self.samples: dict[str, list[list[float]]] = {}  # "kind/B" -> [[context, size, seconds, anchor], ...]
         self.changed = False
         self.bandwidth = BANDWIDTH  # another value only where recorded samples are replayed (auto_evidence)
+        # A frozen model learns nothing and stands for the device: "auto" then takes its draft forwards' seconds from
+        # it rather than from the clock, so its decisions do not depend on timing (auto_evidence's modelled runs).
+        self.frozen = False
 
     @property
     def near(self) -> float:
@@ -106,6 +109,8 @@ class CostModel:
             pass  # a read-only home only costs a new measurement next time
 
     def add(self, kind: str, rows: int, context: int, size: int, seconds: float, anchor: bool = False) -> None:
+        if self.frozen:
+            return
         samples = self.samples.setdefault(f"{kind}/{rows}", [])
         samples.append([float(context), float(size), float(seconds), float(anchor)])
         if len(samples) > MAX_SAMPLES:
@@ -246,13 +251,19 @@ def package_version() -> str:
 _MODELS: dict[str, CostModel] = {}  # one model per key in a process, shared by calls
 
 
+def registry_name(target, drafter, compiled: bool = False) -> str:
+    key = cost_key(target, drafter, compiled)
+    report = getattr(drafter.generation_config, "cost_report", None)
+    return repr(sorted(key.items())) + str(cache_folder()) + str(report)
+
+
 def cost_model_for(target, drafter, compiled: bool = False) -> CostModel:
     """The cost model of this target, drafter and device (with `compiled` rounds or not): from the user's cache
     folder, plus the measurements of a `longspec cost` result if ``drafter.generation_config.cost_report`` names its
     JSON file."""
     key = cost_key(target, drafter, compiled)
     report = getattr(drafter.generation_config, "cost_report", None)
-    name = repr(sorted(key.items())) + str(cache_folder()) + str(report)
+    name = registry_name(target, drafter, compiled)
     if name not in _MODELS:
         model = CostModel.load(key)
         if report:
