@@ -300,17 +300,39 @@ def modelled_seconds(round: dict, model: CostModel) -> float:
         model.curve("rest", rows, context)(round["nodes"])
 
 
-def modelled_run(target, drafter, prompts: list, samples: dict, max_new_tokens: int, **constants) -> dict:
+def prompt_caches(target, prompts: list) -> list:
+    """Each prompt's cache of all its tokens but the last: runs of several variants on the same prompts pay each
+    prompt's prefill once."""
+    import torch
+    from transformers import DynamicCache
+
+    from .compat import cache_kwarg
+
+    caches = []
+    with torch.no_grad():
+        for ids in prompts:
+            cache = DynamicCache()
+            target(ids[:, :-1], use_cache=True, **{cache_kwarg(target): cache})
+            caches.append(cache)
+    return caches
+
+
+def modelled_run(target, drafter, prompts: list, samples: dict, max_new_tokens: int, caches: list | None = None,
+                 **constants) -> dict:
     """Greedy calls of `drafter` on `prompts` under ``tree_shape="auto"`` with `constants` of
-    :mod:`~longspec_hf.auto_tree` on the frozen device of `samples`: tokens, modelled seconds and tau. The drafter's
-    acceptance model starts afresh, so every run meets the same evidence in the same order."""
+    :mod:`~longspec_hf.auto_tree` on the frozen device of `samples`: the rounds' tokens (the prefill makes the
+    first), modelled seconds and tau. The drafter's acceptance model starts afresh, so every run meets the same
+    evidence in the same order. `caches`: :func:`prompt_caches` of the prompts (copied, not consumed)."""
+    import copy
+
     import torch
 
     drafter._auto_acceptance = None
     with policy_constants(**constants), frozen_device(target, drafter, samples) as model, recording() as evidence:
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
+            cache = {} if caches is None else {"cache": copy.deepcopy(caches[i])}
             target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, **cache)
     drafter._auto_acceptance = None
     rounds = [r for call in evidence.calls for r in call]
     tokens = sum(r["emitted"] for r in rounds)
@@ -348,10 +370,12 @@ def policy_table(target, drafter, prompts: list, samples: dict, max_new_tokens: 
                  variants: dict | None = None) -> str:
     """Modelled tokens per second of each variant of the policy's constants, relative to the shipped ones."""
     variants = POLICY_VARIANTS if variants is None else variants
-    base = modelled_run(target, drafter, prompts, samples, max_new_tokens)
+    caches = prompt_caches(target, prompts)
+    base = modelled_run(target, drafter, prompts, samples, max_new_tokens, caches)
     lines = ["| auto_tree constants | modelled tokens/s vs shipped | tau | rounds |", "|---|---|---|---|"]
     for label, constants in variants.items():
-        run = base if not constants else modelled_run(target, drafter, prompts, samples, max_new_tokens, **constants)
+        run = base if not constants else modelled_run(target, drafter, prompts, samples, max_new_tokens, caches,
+                                                      **constants)
         lines.append(f"| {label} | {run['tokens_per_second'] / base['tokens_per_second']:.3f} | {run['tau']:.2f} | "
                      f"{run['rounds']} |")
     return "\n".join(lines)
