@@ -134,6 +134,9 @@ def test_modelled_runs_depend_on_the_constants_only():
     assert auto_evidence.auto_tree.HORIZON == 4  # restored
     table = auto_evidence.policy_table(target, draft, prompts, samples, 12, {"as shipped": {}, "PEEK 1": {"PEEK": 1}})
     assert "| as shipped | 1.000 |" in table and "| PEEK 1 |" in table
+    with auto_evidence.policy_constants(DEPTHS=1):
+        assert auto_evidence.acceptance.AcceptanceModel().depths == 1
+    assert auto_evidence.acceptance.AcceptanceModel().depths == 4
     with pytest.raises(ValueError, match="no constant"):
         with auto_evidence.policy_constants(NOPE=1):
             pass

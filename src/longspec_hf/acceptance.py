@@ -40,10 +40,16 @@ class AcceptanceModel:
     (the module's constants by default) exist for the replay of recorded evidence (:mod:`~longspec_hf.auto_evidence`),
     which scores other values on the same observations."""
 
-    def __init__(self, ranks: int = 16, edges: Sequence[float] = EDGES, prior_weight: float = PRIOR_WEIGHT,
-                 depths: int = DEPTHS, rank_classes: int = RANK_CLASSES, rank_prior: Sequence[float] = RANK_PRIOR):
-        self.edges, self.prior_weight, self.depths = tuple(edges), prior_weight, depths
-        self.rank_classes, self.rank_prior = rank_classes, tuple(rank_prior)
+    def __init__(self, ranks: int = 16, edges: Sequence[float] | None = None, prior_weight: float | None = None,
+                 depths: int | None = None, rank_classes: int | None = None,
+                 rank_prior: Sequence[float] | None = None):
+        # The module's constants are read here, not bound as defaults, so that a replay can set them for a whole call.
+        self.edges = tuple(EDGES if edges is None else edges)
+        self.prior_weight = PRIOR_WEIGHT if prior_weight is None else prior_weight
+        self.depths = DEPTHS if depths is None else depths
+        self.rank_classes = RANK_CLASSES if rank_classes is None else rank_classes
+        self.rank_prior = tuple(RANK_PRIOR if rank_prior is None else rank_prior)
+        prior_weight, rank_classes, depths = self.prior_weight, self.rank_classes, self.depths
         self.centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(self.edges, self.edges[1:], strict=False)]
         self.hits = [[prior_weight * c for c in self.centers] for _ in range(rank_classes)]  # [rank class][bin]
         self.trials = [[prior_weight] * len(self.centers) for _ in range(rank_classes)]

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from . import auto_tree, cost_model
+from . import acceptance, auto_tree, cost_model
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
 
@@ -259,18 +259,22 @@ def replay(evidence: Evidence) -> str:
 
 @contextlib.contextmanager
 def policy_constants(**values):
-    """Set module constants of :mod:`~longspec_hf.auto_tree` (e.g. ``HORIZON=2``) inside the block."""
-    unknown = [name for name in values if not hasattr(auto_tree, name)]
-    if unknown:
-        raise ValueError(f"auto_tree has no constant {unknown[0]}")
-    saved = {name: getattr(auto_tree, name) for name in values}
+    """Set constants of :mod:`~longspec_hf.auto_tree` or :mod:`~longspec_hf.acceptance` (e.g. ``HORIZON=2``,
+    ``DEPTHS=1``) inside the block."""
+    homes = {}
+    for name in values:
+        home = next((m for m in (auto_tree, acceptance) if hasattr(m, name) and name.isupper()), None)
+        if home is None:
+            raise ValueError(f"auto_tree and acceptance have no constant {name}")
+        homes[name] = home
+    saved = {name: getattr(homes[name], name) for name in values}
     for name, value in values.items():
-        setattr(auto_tree, name, value)
+        setattr(homes[name], name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(auto_tree, name, value)
+            setattr(homes[name], name, value)
 
 
 @contextlib.contextmanager
@@ -363,6 +367,9 @@ POLICY_VARIANTS = {
     "LOOKUP_PRIOR 3": {"LOOKUP_PRIOR": 3.0},
     "SCALE_RATE 0 (no scale)": {"SCALE_RATE": 0.0},
     "SCALE_RATE 0.5": {"SCALE_RATE": 0.5},
+    "acceptance: DEPTHS 1": {"DEPTHS": 1},
+    "acceptance: RANK_CLASSES 1": {"RANK_CLASSES": 1},
+    "acceptance: PRIOR_WEIGHT 10": {"PRIOR_WEIGHT": 10.0},
 }
 
 
