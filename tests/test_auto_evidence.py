@@ -122,12 +122,17 @@ def test_modelled_runs_depend_on_the_constants_only():
     draft.generation_config.tree_shape = "auto"
     prompts = [random_prompt(50, seed=s) for s in (1, 2)]
     samples = frozen_samples(**CPU_LIKE)
-    first = auto_evidence.modelled_run(target, draft, prompts, samples, 12)
-    assert first == auto_evidence.modelled_run(target, draft, prompts, samples, 12)
+    def run(*caches):  # everything but the policy's own host time, which is measured
+        out = auto_evidence.modelled_run(target, draft, prompts, samples, 12, *caches)
+        assert out.pop("policy_ms_per_round") > 0
+        return out
+
+    first = run()
+    assert first == run()
     assert first["tokens"] == 2 * 11 and first["seconds"] > 0  # the rounds' tokens (the prefill makes the first)
     caches = auto_evidence.prompt_caches(target, prompts)
     for _ in range(2):  # continued from the prompts' caches (copies): the same run
-        assert auto_evidence.modelled_run(target, draft, prompts, samples, 12, caches) == first
+        assert run(caches) == first
     with auto_evidence.frozen_device(target, draft, samples), auto_evidence.policy_constants(HORIZON=1):
         out = target.generate(prompts[0], assistant_model=draft, do_sample=False, max_new_tokens=12)
     assert torch.equal(out, plain_greedy(target, prompts[0], max_new_tokens=12))

@@ -332,7 +332,8 @@ def modelled_run(target, drafter, prompts: list, samples: dict, max_new_tokens: 
     import torch
 
     drafter._auto_acceptance = None
-    with policy_constants(**constants), frozen_device(target, drafter, samples) as model, recording() as evidence:
+    with policy_constants(**constants), frozen_device(target, drafter, samples) as model, recording() as evidence, \
+            host_timer() as host:
         for i, ids in enumerate(prompts):
             cache = {} if caches is None else {"cache": copy.deepcopy(caches[i])}
             target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,
@@ -342,7 +343,47 @@ def modelled_run(target, drafter, prompts: list, samples: dict, max_new_tokens: 
     tokens = sum(r["emitted"] for r in rounds)
     seconds = sum(modelled_seconds(r, model) for r in rounds)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-12),
-            "tau": tokens / max(sum(r["rows"] for r in rounds), 1), "rounds": len(rounds)}
+            "tau": tokens / max(sum(r["rows"] for r in rounds), 1), "rounds": len(rounds),
+            "policy_ms_per_round": 1000 * host[0] / max(len(rounds), 1)}
+
+
+@contextlib.contextmanager
+def host_timer():
+    """Seconds spent in the policy's own host arithmetic (``[seconds]``, filled as the block runs): its decisions
+    (`expand`, `lookahead` and `choose` after the level's transfer) and its bookkeeping (`begin_round`,
+    `end_round`). What its constants cost beside the forwards."""
+    spent = [0.0]
+    originals = {name: getattr(auto_tree.AutoTree, name) for name in ("begin_round", "expand", "end_round")}
+
+    def timed(function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return run
+
+    choose = auto_tree.AutoTree.choose
+
+    def timed_choose(self, depth, parent_local, child_logprobs, level_logprobs, vocab=None):
+        # the level's one transfer (the draft forward's wait) is not the policy's: the choice after it is
+        level_logprobs.sum().item()
+        start = time.perf_counter()
+        try:
+            return choose(self, depth, parent_local, child_logprobs, level_logprobs, vocab)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    for name, function in originals.items():
+        setattr(auto_tree.AutoTree, name, timed(function))
+    auto_tree.AutoTree.choose = timed_choose
+    try:
+        yield spent
+    finally:
+        for name, function in originals.items():
+            setattr(auto_tree.AutoTree, name, function)
+        auto_tree.AutoTree.choose = choose
 
 
 POLICY_VARIANTS = {
@@ -379,12 +420,13 @@ def policy_table(target, drafter, prompts: list, samples: dict, max_new_tokens: 
     variants = POLICY_VARIANTS if variants is None else variants
     caches = prompt_caches(target, prompts)
     base = modelled_run(target, drafter, prompts, samples, max_new_tokens, caches)
-    lines = ["| auto_tree constants | modelled tokens/s vs shipped | tau | rounds |", "|---|---|---|---|"]
+    lines = ["| constants | modelled tokens/s vs shipped | tau | rounds | policy host ms per round |",
+             "|---|---|---|---|---|"]
     for label, constants in variants.items():
         run = base if not constants else modelled_run(target, drafter, prompts, samples, max_new_tokens, caches,
                                                       **constants)
         lines.append(f"| {label} | {run['tokens_per_second'] / base['tokens_per_second']:.3f} | {run['tau']:.2f} | "
-                     f"{run['rounds']} |")
+                     f"{run['rounds']} | {run['policy_ms_per_round']:.2f} |")
     return "\n".join(lines)
 
 
@@ -415,6 +457,9 @@ def policy_cli(argv: list[str]) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--variant", action="append", default=None, metavar="LABEL=NAME:VALUE,...",
+                        help="a variant of the constants (repeatable; default: the built-in list), e.g. "
+                             "'horizon 8=HORIZON:8' or 'both=PEEK:1.0,DEPTHS:1'; values are Python literals")
     args = parser.parse_args(argv)
     target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     draft = load_draft(args.draft, target)
@@ -424,7 +469,16 @@ def policy_cli(argv: list[str]) -> None:
                                                                               "prose": "installed-prose"}
     prompts = [ids for source in domains.values() for context in args.contexts
                for ids in prompt_windows(tokenizer, load_texts([source]), context, args.prompts)]
-    print(policy_table(target, draft, prompts, samples, args.max_new_tokens))
+    variants = None
+    if args.variant:
+        import ast
+
+        variants = {"as shipped": {}}
+        for text in args.variant:
+            label, spec = text.split("=", 1)
+            variants[label] = {name: ast.literal_eval(value) for name, value in
+                               (item.split(":", 1) for item in spec.split(",") if item)}
+    print(policy_table(target, draft, prompts, samples, args.max_new_tokens, variants))
 
 
 def main(argv: list[str] | None = None) -> None:
