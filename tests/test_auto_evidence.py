@@ -152,3 +152,17 @@ def test_a_round_costs_its_draft_forwards_verification_and_rest_on_the_model():
     model.samples = frozen_samples(verify=lambda n: 1.0 + 0.5 * (n - 1), draft=lambda m: 0.25 * m)
     round_ = {"rows": 1, "context": 1000, "drafted": [1, 2], "nodes": 4}
     assert auto_evidence.modelled_seconds(round_, model) == pytest.approx(0.25 + 0.5 + 2.5)
+
+
+def test_policy_command_runs_named_variants_on_a_recorded_device(tmp_path, capsys):
+    from conftest import CPU_LIKE
+
+    evidence = auto_evidence.Evidence()
+    evidence.cost_samples = [frozen_samples(**CPU_LIKE)]
+    path = tmp_path / "device.json"
+    auto_evidence.save(evidence, str(path))
+    auto_evidence.main(["policy", "--target", "toy:llama", "--draft", "self", "--device-samples", str(path),
+                        "--contexts", "24", "--prompts", "1", "--max-new-tokens", "4",
+                        "--variant", "narrow=WIDTHS:(1, 2);HORIZON:1"])
+    out = capsys.readouterr().out
+    assert "| as shipped | 1.000 |" in out and "| narrow |" in out

@@ -457,9 +457,9 @@ def policy_cli(argv: list[str]) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--variant", action="append", default=None, metavar="LABEL=NAME:VALUE,...",
+    parser.add_argument("--variant", action="append", default=None, metavar="LABEL=NAME:VALUE;...",
                         help="a variant of the constants (repeatable; default: the built-in list), e.g. "
-                             "'horizon 8=HORIZON:8' or 'both=PEEK:1.0,DEPTHS:1'; values are Python literals")
+                             "'horizon 8=HORIZON:8' or 'both=PEEK:1.0;WIDTHS:(1, 2, 4)'; values are Python literals")
     args = parser.parse_args(argv)
     target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     draft = load_draft(args.draft, target)
@@ -477,7 +477,7 @@ def policy_cli(argv: list[str]) -> None:
         for text in args.variant:
             label, spec = text.split("=", 1)
             variants[label] = {name: ast.literal_eval(value) for name, value in
-                               (item.split(":", 1) for item in spec.split(",") if item)}
+                               (item.split(":", 1) for item in spec.split(";") if item)}
     print(policy_table(target, draft, prompts, samples, args.max_new_tokens, variants))
 
 
