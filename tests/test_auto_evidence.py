@@ -48,9 +48,11 @@ def test_the_replay_of_the_shipped_constants_reproduces_the_live_models(recorded
     evidence, oracle, stats = recorded
     *_, replayed = auto_evidence.acceptance_loss(evidence)
     live = oracle._auto_acceptance
-    for name in ("hits", "trials", "rank_hits", "rank_trials"):
+    for name in ("hits", "trials"):  # [rank class][bin]
         flat = [v for row in getattr(live, name) for v in row]
         assert [v for row in getattr(replayed, name) for v in row] == pytest.approx(flat)
+    assert replayed.rank_hits == pytest.approx(live.rank_hits)
+    assert replayed.rank_trials == pytest.approx(live.rank_trials)
     assert sum(live.trials[0]) > sum(replayed.__class__().trials[0])  # it did learn
     for call, call_stats in zip(evidence.calls, stats, strict=True):
         predicted = sum(p for p, _, _ in auto_evidence.scaled_rounds(call))
@@ -137,11 +139,11 @@ def test_modelled_runs_depend_on_the_constants_only():
         out = target.generate(prompts[0], assistant_model=draft, do_sample=False, max_new_tokens=12)
     assert torch.equal(out, plain_greedy(target, prompts[0], max_new_tokens=12))
     assert auto_evidence.auto_tree.HORIZON == 4  # restored
-    table = auto_evidence.policy_table(target, draft, prompts, samples, 12, {"as shipped": {}, "PEEK 1": {"PEEK": 1}})
-    assert "| as shipped | 1.000 |" in table and "| PEEK 1 |" in table
-    with auto_evidence.policy_constants(DEPTHS=1):
-        assert auto_evidence.acceptance.AcceptanceModel().depths == 1
-    assert auto_evidence.acceptance.AcceptanceModel().depths == 4
+    table = auto_evidence.policy_table(target, draft, prompts, samples, 12, {"as shipped": {}, "H1": {"HORIZON": 1}})
+    assert "| as shipped | 1.000 |" in table and "| H1 |" in table
+    with auto_evidence.policy_constants(RANK_CLASSES=1):
+        assert auto_evidence.acceptance.AcceptanceModel().rank_classes == 1
+    assert auto_evidence.acceptance.AcceptanceModel().rank_classes == 2
     with pytest.raises(ValueError, match="no constant"):
         with auto_evidence.policy_constants(NOPE=1):
             pass

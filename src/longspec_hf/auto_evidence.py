@@ -37,7 +37,6 @@ from .cost_model import CostModel
 COARSE_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)
 FINE_EDGES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4,
               0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0001)
-CALL_KEEP = 0.5  # what generation.call_acceptance keeps of the previous calls' evidence
 
 
 class Evidence:
@@ -81,11 +80,12 @@ def log_loss(p: float, hit: bool) -> float:
     return -math.log(p if hit else 1 - p)
 
 
-def acceptance_loss(evidence: Evidence, keep: float = CALL_KEEP,
+def acceptance_loss(evidence: Evidence, keep: float | None = None,
                     **settings) -> tuple[float, float, int, AcceptanceModel]:
-    """(mean log-loss of ``h(q, rank)``, of ``rank_rate(rank, depth)``, observations, the model at the end) over the
+    """(mean log-loss of ``h(q, rank)``, of ``rank_rate(rank)``, observations, the model at the end) over the
     recorded calls, with one :class:`AcceptanceModel` built from `settings` carried across calls as ``generate()``
-    carries a drafter's."""
+    carries a drafter's (keeping `keep` of it per new call; default: what ``generate()`` keeps)."""
+    keep = acceptance.CALL_MEMORY if keep is None else keep
     model = AcceptanceModel(**settings)
     h_loss = rank_loss = 0.0
     count = 0
@@ -93,13 +93,13 @@ def acceptance_loss(evidence: Evidence, keep: float = CALL_KEEP,
         if index:
             model.forget(keep)
         for round in call:
-            for probabilities, hits, depth in round["observations"]:  # predicted first: the round's own choices
+            for probabilities, hits, _ in round["observations"]:  # predicted first: the round's own choices
                 for rank, (q, hit) in enumerate(zip(probabilities, hits, strict=True)):
                     h_loss += log_loss(model.h(q, rank), hit)
-                    rank_loss += log_loss(model.rank_rate(rank, depth), hit)
+                    rank_loss += log_loss(model.rank_rate(rank), hit)
                     count += 1
-            for probabilities, hits, depth in round["observations"]:
-                model.observe(probabilities, hits, depth)
+            for probabilities, hits, _ in round["observations"]:
+                model.observe(probabilities, hits)
     return h_loss / max(count, 1), rank_loss / max(count, 1), count, model
 
 
@@ -111,9 +111,6 @@ ACCEPTANCE_VARIANTS = {
     "32 bins": {"edges": FINE_EDGES},
     "one h table for all ranks": {"rank_classes": 1},
     "three h tables (ranks 0, 1, 2+)": {"rank_classes": 3},
-    "rank rates for one depth": {"depths": 1},
-    "rank rates for 2 depths": {"depths": 2},
-    "rank rates for 6 depths": {"depths": 6},
     "rank prior 0.3/0.05/0.02/0.01": {"rank_prior": (0.3, 0.05, 0.02, 0.01)},
     "rank prior flat 0.1": {"rank_prior": (0.1,)},
     "calls forget all (keep 0)": {"keep": 0.0},
@@ -169,9 +166,9 @@ SCALE_VARIANTS = {
 # the lookup branch's running mean
 
 def lookup_error(evidence: Evidence, prior: float = auto_tree.LOOKUP_PRIOR,
-                 memory: int = auto_tree.LOOKUP_MEMORY) -> tuple[float, int]:
+                 memory: int = 10**9) -> tuple[float, int]:
     """(root mean square error, rounds) of the running mean's prediction of the branch's tokens beyond the draft's
-    in each round that verified it."""
+    in each round that verified it, a mean over the last `memory` rounds (default: the call's, as shipped)."""
     squared, count = 0.0, 0
     for call in evidence.calls:
         gain, weight = prior, 1.0
@@ -188,9 +185,9 @@ def lookup_error(evidence: Evidence, prior: float = auto_tree.LOOKUP_PRIOR,
 LOOKUP_VARIANTS = {
     "memory 1 (last round)": {"memory": 1},
     "memory 4": {"memory": 4},
-    "memory 16 (as shipped)": {},
+    "memory 16": {"memory": 16},
     "memory 64": {"memory": 64},
-    "whole call": {"memory": 10**9},
+    "whole call (as shipped)": {},
     "prior 0": {"prior": 0.0},
     "prior 3": {"prior": 3.0},
 }
@@ -260,7 +257,7 @@ def replay(evidence: Evidence) -> str:
 @contextlib.contextmanager
 def policy_constants(**values):
     """Set constants of :mod:`~longspec_hf.auto_tree` or :mod:`~longspec_hf.acceptance` (e.g. ``HORIZON=2``,
-    ``DEPTHS=1``) inside the block."""
+    ``RANK_CLASSES=1``) inside the block."""
     homes = {}
     for name in values:
         home = next((m for m in (auto_tree, acceptance) if hasattr(m, name) and name.isupper()), None)
@@ -396,19 +393,14 @@ POLICY_VARIANTS = {
     "FRONTIER 16": {"FRONTIER": 16},
     "WIDTHS 1,2,4,8,16": {"WIDTHS": (1, 2, 4, 8, 16)},
     "WIDTHS 1..16": {"WIDTHS": tuple(range(1, 17))},
-    "PEEK 0.9": {"PEEK": 0.9},
-    "PEEK 1 (none)": {"PEEK": 1.0},
     "EXPLORE_EVERY 2": {"EXPLORE_EVERY": 2},
     "EXPLORE_EVERY 8": {"EXPLORE_EVERY": 8},
     "EXPLORE_MAX 16": {"EXPLORE_MAX": 16},
     "EXPLORE_MAX 256": {"EXPLORE_MAX": 256},
-    "LOOKUP_MEMORY 4": {"LOOKUP_MEMORY": 4},
-    "LOOKUP_MEMORY 64": {"LOOKUP_MEMORY": 64},
     "LOOKUP_PRIOR 0": {"LOOKUP_PRIOR": 0.0},
     "LOOKUP_PRIOR 3": {"LOOKUP_PRIOR": 3.0},
     "SCALE_RATE 0 (no scale)": {"SCALE_RATE": 0.0},
     "SCALE_RATE 0.5": {"SCALE_RATE": 0.5},
-    "acceptance: DEPTHS 1": {"DEPTHS": 1},
     "acceptance: RANK_CLASSES 1": {"RANK_CLASSES": 1},
     "acceptance: PRIOR_WEIGHT 10": {"PRIOR_WEIGHT": 10.0},
 }
@@ -459,7 +451,7 @@ def policy_cli(argv: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--variant", action="append", default=None, metavar="LABEL=NAME:VALUE;...",
                         help="a variant of the constants (repeatable; default: the built-in list), e.g. "
-                             "'horizon 8=HORIZON:8' or 'both=PEEK:1.0;WIDTHS:(1, 2, 4)'; values are Python literals")
+                             "'horizon 8=HORIZON:8' or 'both=FRONTIER:2;WIDTHS:(1, 2, 4)'; values are Python literals")
     args = parser.parse_args(argv)
     target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     draft = load_draft(args.draft, target)

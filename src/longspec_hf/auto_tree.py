@@ -39,24 +39,40 @@ from .timing import synchronize
 from .tree import AUTO_ENVELOPE, DraftTree
 from .verify import verify_tree
 
-WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # level widths considered (the envelope's width caps them)
-HORIZON = 4  # levels the lookahead predicts beyond the decision (a chain's first level often pays only with the next)
-# Drafting the root's level costs one small draft forward but shows the draft's actual confidence, from which the tree
-# (or no tree) is then chosen: worth it when the prediction from past rounds says drafting nearly pays.
-PEEK = 0.95
-REFIT_EVERY = 8  # rounds between refits of the cost curves (a fit reads every stored sample: not per round)
-# Rounds without drafting after which one level is drafted anyway, to keep learning. Each such round that ends
-# without a tree doubles the wait (up to EXPLORE_MAX), so a draft that does not pay costs ever fewer draft forwards:
-# a round without a tree is then a plain decode step; a round that keeps a tree resets it.
+# Each constant below is kept because a measurement says so (2026-12-02, the shipped SmolLM2 draft with its 6-token
+# lookup branch, held-out code and prose): the modelled tokens/s of whole greedy calls on a frozen device (`python -m
+# longspec_hf.auto_evidence policy`, two prompt sets of 8 at 2k/4k and 2k/8k tokens; decisions there depend on the
+# text and the constants only, not on timing noise) and the policy's host milliseconds per round beside them (2.8 ms
+# as shipped, on the 2-core CPU while another job ran). Dropped by the same measurement: a margin that made drafting
+# the root's level easier than the others (0.95: 1.003x / 1.000x and 1.009x without it) and a memory of 16 rounds
+# for the lookup branch's mean (the whole call's mean: 1.000x / 1.000x; a 4-round memory 0.998x).
+#
+# Level widths considered (the envelope's width caps them). (1, 2, 4, 8, 16): 0.976x / 0.994x; every width up to 16:
+# 0.958x / 1.001x at twice the host time (5.7 against 2.8 ms per round).
+WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+# Levels the lookahead predicts beyond the decision (a chain's first level often pays only with the next). 1:
+# 0.982x; 2: 0.962x / 1.000x; 8: 1.000x / 1.000x at 1.4x the host time.
+HORIZON = 4
+# Nodes of a predicted level whose children the lookahead considers. 1: 0.972x; 2: 0.991x / 1.000x; 16: 1.000x /
+# 1.000x at 1.2x the host time.
+FRONTIER = 4
+# Rounds between refits of the cost curves: a fit of the three curves reads every stored sample (0.18 ms each at a
+# few hundred samples), which per round would add a fifth to the policy's host time.
+REFIT_EVERY = 8
+# Rounds without drafting after which one level is drafted anyway, to keep learning (also how often a withdrawn
+# lookup branch is retried). 2: 0.942x; 8: 1.018x / 1.000x; 16: 0.971x. Each such round that ends without a tree
+# doubles the wait, up to EXPLORE_MAX, so a draft that never pays costs ever fewer draft forwards (a bound for a
+# useless draft, which the evidence above never met: tested in tests/test_auto_tree.py).
 EXPLORE_EVERY, EXPLORE_MAX = 4, 64
-FRONTIER = 4  # nodes of a predicted level whose children the lookahead considers
-# A prompt-lookup branch's accepted tokens beyond the draft's, per row and round: an optimistic prior (it is tried
-# early) worth one round, then a running mean over the last LOOKUP_MEMORY rounds that used it.
-LOOKUP_PRIOR, LOOKUP_MEMORY = 1.0, 16
+# A prompt-lookup branch's accepted tokens beyond the draft's, per row and round, before any round verified it:
+# optimistic (the branch is tried early), worth one round, then the call's mean. 0: 0.959x / 0.977x; 3: 0.947x /
+# 0.980x.
+LOOKUP_PRIOR = 1.0
 # Per call, the acceptance model's predictions are scaled by how the draft's accepted tokens compare with them: each
-# round moves the scale by (accepted + 1) / (predicted + 1) to this power, within SCALE_RANGE. The product of
-# per-node probabilities misses that acceptance along a path is correlated (a draft on track stays on it), by an
-# amount that depends on the text.
+# round moves the scale by (accepted + 1) / (predicted + 1) to this power. The product of per-node probabilities
+# misses that acceptance along a path is correlated (a draft on track stays on it), by an amount that depends on the
+# text. No scale: 0.959x / 0.984x; 0.5: 0.991x. SCALE_RANGE is a guard against a runaway scale, not a tuned value: the
+# replay of the evidence never reached it.
 SCALE_RATE, SCALE_RANGE = 0.2, (0.5, 2.0)
 # While set (by `longspec_hf.auto_evidence.recording`), each call's rounds are recorded in a list it gives out.
 EVIDENCE: ContextVar = ContextVar("longspec_auto_evidence", default=None)
@@ -212,10 +228,10 @@ class AutoTree:
         """The best rate reachable by drafting up to HORIZON more levels from `frontier` (acceptance of the current
         level's nodes, averaged over rows), each level predicted from the rank acceptance rates."""
         best = -math.inf
+        rates = [min(self.scale * self.acceptance.rank_rate(r), 1.0) for r in range(self.max_width)]
         for level in range(HORIZON):
             if depth + level >= self.depth_cap or not frontier:
                 break
-            rates = [min(self.scale * self.acceptance.rank_rate(r, depth + level), 1.0) for r in range(self.max_width)]
             draft_seconds += self.draft_curve(len(frontier))
             parents = sorted(frontier, reverse=True)[:FRONTIER]
             children = sorted((a * r for a in parents for r in rates), reverse=True)[: self.max_width]
@@ -238,8 +254,7 @@ class AutoTree:
             go = False
         else:
             stop = self.expected / self.seconds(self.draft_seconds, self.nodes)
-            margin = PEEK if depth == 0 else 1.0
-            go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > margin * stop
+            go = self.lookahead(self.expected, self.draft_seconds, self.nodes, self.level_means, depth) > stop
             if not go and depth == 0 and self.rounds_without_draft + 1 >= self.explore_every:
                 go = self._exploring = True  # keep the acceptance model learning while the draft does not pay
         now = time.perf_counter()
@@ -340,13 +355,13 @@ class AutoTree:
             factor = ((accepted + 1) / (self.expected - self.base_expected + 1)) ** SCALE_RATE
             self.scale = min(max(self.scale * factor, SCALE_RANGE[0]), SCALE_RANGE[1])
         if self.lookup:
-            self.lookup_gain += (beyond - self.lookup_gain) / (self._lookup_weight + 1)
-            self._lookup_weight = min(self._lookup_weight + 1, LOOKUP_MEMORY)
+            self._lookup_weight += 1
+            self.lookup_gain += (beyond - self.lookup_gain) / self._lookup_weight
             self.rounds_without_lookup = 0
         elif self._lookup_offered:
             self.rounds_without_lookup += 1
-        for probabilities, hits, depth in observations:
-            self.acceptance.observe(probabilities, hits, depth)
+        for probabilities, hits, _ in observations:
+            self.acceptance.observe(probabilities, hits)
         if self.stats is not None:
             name = ",".join(map(str, self.shape)) or "none"
             self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1

@@ -506,7 +506,7 @@ def call_acceptance(drafter: Drafter) -> AcceptanceModel:
         model = AcceptanceModel()
         drafter._auto_acceptance = model
     else:
-        model.forget(0.5)
+        model.forget()
     return model
 
 
