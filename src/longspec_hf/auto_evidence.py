@@ -17,8 +17,14 @@ same events, predicting each event only from those before it (prequential): the 
 call's scale and the lookup branch's running mean by the error of their prediction of a round, the cost curves by
 the error of their prediction of the next timed forward.
 
+The policy's own constants (how far it looks ahead, which widths it weighs, how often it explores) decide trees, so
+they are measured on whole calls instead: :func:`modelled_run` runs real ``generate()`` calls on a *frozen* cost
+model (the device as recorded: it learns nothing and also gives the policy its draft forwards' seconds), so two runs
+differ only where their constants make them decide differently, and prices each round on that model.
+
 ``longspec eval ... --auto-evidence FILE`` records while it measures tau and prints the replay; ``python -m
-longspec_hf.auto_evidence FILE`` replays a recorded file again.
+longspec_hf.auto_evidence FILE`` replays a recorded file again; ``python -m longspec_hf.auto_evidence policy --target
+T --draft D --device-samples FILE`` compares the policy's constants on that file's device.
 """
 
 from __future__ import annotations
