@@ -254,13 +254,17 @@ def test_cost_curves_plot(tmp_path):
     assert path.stat().st_size > 1000
 
 
-def test_rank_rates_learn_how_often_each_rank_is_the_targets_token():
+def test_rank_rates_are_kept_per_depth():
     model = AcceptanceModel()
     assert model.rank_rate(0) == pytest.approx(acceptance.RANK_PRIOR[0])
     for i in range(300):
-        model.observe([0.6, 0.2, 0.1], [i % 4 == 0, i % 4 == 1, False])
-    assert model.rank_rate(0) == pytest.approx(0.25, abs=0.03) and model.rank_rate(1) == pytest.approx(0.25, abs=0.03)
-    assert model.rank_rate(2) < 0.01 and model.rank_rate(40) == model.rank_rate(15)  # ranks past the table share it
+        model.observe([0.6, 0.2], [i % 4 == 0, i % 4 == 1], depth=0)  # the first token is often missed ...
+        model.observe([0.6], [i % 10 != 0], depth=2)  # ... a draft on track stays on it
+    assert model.rank_rate(0, 0) == pytest.approx(0.25, abs=0.03)
+    assert model.rank_rate(1, 0) == pytest.approx(0.25, abs=0.03)
+    assert model.rank_rate(0, 2) == pytest.approx(0.9, abs=0.03)
+    assert model.rank_rate(0, 7) == model.rank_rate(0, 3)  # depths past the last bucket share it
+    assert model.rank_rate(40, 0) == model.rank_rate(15, 0)  # ranks past the table too
 
 
 def test_top_children_and_their_siblings_are_calibrated_apart():

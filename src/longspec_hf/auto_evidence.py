@@ -88,7 +88,7 @@ def log_loss(p: float, hit: bool) -> float:
 
 def acceptance_loss(evidence: Evidence, keep: float | None = None,
                     **settings) -> tuple[float, float, int, AcceptanceModel]:
-    """(mean log-loss of ``h(q, rank)``, of ``rank_rate(rank)``, observations, the model at the end) over the
+    """(mean log-loss of ``h(q, rank)``, of ``rank_rate(rank, depth)``, observations, the model at the end) over the
     recorded calls, with one :class:`AcceptanceModel` built from `settings` carried across calls as ``generate()``
     carries a drafter's (keeping `keep` of it per new call; default: what ``generate()`` keeps)."""
     keep = acceptance.CALL_MEMORY if keep is None else keep
@@ -99,13 +99,13 @@ def acceptance_loss(evidence: Evidence, keep: float | None = None,
         if index:
             model.forget(keep)
         for round in call:
-            for probabilities, hits, _ in round["observations"]:  # predicted first: the round's own choices
+            for probabilities, hits, depth in round["observations"]:  # predicted first: the round's own choices
                 for rank, (q, hit) in enumerate(zip(probabilities, hits, strict=True)):
                     h_loss += log_loss(model.h(q, rank), hit)
-                    rank_loss += log_loss(model.rank_rate(rank), hit)
+                    rank_loss += log_loss(model.rank_rate(rank, depth), hit)
                     count += 1
-            for probabilities, hits, _ in round["observations"]:
-                model.observe(probabilities, hits)
+            for probabilities, hits, depth in round["observations"]:
+                model.observe(probabilities, hits, depth)
     return h_loss / max(count, 1), rank_loss / max(count, 1), count, model
 
 
@@ -117,6 +117,8 @@ ACCEPTANCE_VARIANTS = {
     "32 bins": {"edges": FINE_EDGES},
     "one h table for all ranks": {"rank_classes": 1},
     "three h tables (ranks 0, 1, 2+)": {"rank_classes": 3},
+    "rank rates for one depth": {"depths": 1},
+    "rank rates for 6 depths": {"depths": 6},
     "rank prior 0.3/0.05/0.02/0.01": {"rank_prior": (0.3, 0.05, 0.02, 0.01)},
     "rank prior flat 0.1": {"rank_prior": (0.1,)},
     "calls forget all (keep 0)": {"keep": 0.0},
@@ -407,6 +409,7 @@ POLICY_VARIANTS = {
     "LOOKUP_PRIOR 3": {"LOOKUP_PRIOR": 3.0},
     "SCALE_RATE 0 (no scale)": {"SCALE_RATE": 0.0},
     "SCALE_RATE 0.5": {"SCALE_RATE": 0.5},
+    "acceptance: DEPTHS 1": {"DEPTHS": 1},
     "acceptance: RANK_CLASSES 1": {"RANK_CLASSES": 1},
     "acceptance: PRIOR_WEIGHT 10": {"PRIOR_WEIGHT": 10.0},
 }

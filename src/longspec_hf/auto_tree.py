@@ -45,7 +45,8 @@ from .verify import verify_tree
 # text and the constants only, not on timing noise) and the policy's host milliseconds per round beside them (2.8 ms
 # as shipped, on the 2-core CPU while another job ran). Dropped by the same measurement: a margin that made drafting
 # the root's level easier than the others (0.95: 1.003x / 1.000x and 1.009x without it) and a memory of 16 rounds
-# for the lookup branch's mean (the whole call's mean: 1.000x / 1.000x; a 4-round memory 0.998x).
+# for the lookup branch's mean (the whole call's mean: 1.000x / 1.000x; a 4-round memory 0.998x); both dropped
+# together: 1.000x on the first prompt set.
 #
 # Level widths considered (the envelope's width caps them). (1, 2, 4, 8, 16): 0.976x / 0.994x; every width up to 16:
 # 0.958x / 1.001x at twice the host time (5.7 against 2.8 ms per round).
@@ -228,10 +229,10 @@ class AutoTree:
         """The best rate reachable by drafting up to HORIZON more levels from `frontier` (acceptance of the current
         level's nodes, averaged over rows), each level predicted from the rank acceptance rates."""
         best = -math.inf
-        rates = [min(self.scale * self.acceptance.rank_rate(r), 1.0) for r in range(self.max_width)]
         for level in range(HORIZON):
             if depth + level >= self.depth_cap or not frontier:
                 break
+            rates = [min(self.scale * self.acceptance.rank_rate(r, depth + level), 1.0) for r in range(self.max_width)]
             draft_seconds += self.draft_curve(len(frontier))
             parents = sorted(frontier, reverse=True)[:FRONTIER]
             children = sorted((a * r for a in parents for r in rates), reverse=True)[: self.max_width]
@@ -360,8 +361,8 @@ class AutoTree:
             self.rounds_without_lookup = 0
         elif self._lookup_offered:
             self.rounds_without_lookup += 1
-        for probabilities, hits, _ in observations:
-            self.acceptance.observe(probabilities, hits)
+        for probabilities, hits, depth in observations:
+            self.acceptance.observe(probabilities, hits, depth)
         if self.stats is not None:
             name = ",".join(map(str, self.shape)) or "none"
             self.stats.tree_shapes[name] = self.stats.tree_shapes.get(name, 0) + 1
