@@ -11,7 +11,7 @@ import torch
 from conftest import GPU_LIKE, OracleDrafter, plain_greedy, random_prompt, tiny_target
 
 import longspec_hf_cli
-from longspec_hf import auto_evidence, evaluation
+from longspec_hf import auto_evidence, cli
 from longspec_hf.tree import AUTO
 
 
@@ -95,7 +95,7 @@ def test_eval_records_and_replays_evidence(tmp_path, capsys):
     longspec_hf_cli.add_eval_arguments(parser)
     args = parser.parse_args(["--target", "toy:llama", "--draft", "self", "--contexts", "24", "--max-new-tokens",
                               "6", "--prompts", "2", "--tree-shape", "auto", "--auto-evidence", str(path)])
-    evaluation.evaluate_cli(args)
+    cli.eval_command(args)
     out = capsys.readouterr().out
     assert "| as shipped |" in out and "| rate 0.2 (as shipped) |" in out and "ms per fit" in out
     evidence = auto_evidence.load(str(path))

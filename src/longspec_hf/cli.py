@@ -40,7 +40,15 @@ def train_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_cli
 
-    evaluate_cli(args)
+    if not getattr(args, "auto_evidence", None):
+        return evaluate_cli(args)
+    from . import auto_evidence
+
+    with auto_evidence.recording() as evidence:
+        evaluate_cli(args)
+    auto_evidence.save(evidence, args.auto_evidence)
+    print(f"\nauto's evidence ({args.auto_evidence}), replayed with other constants:\n")
+    print(auto_evidence.replay(evidence))
 
 
 def convert_command(args: argparse.Namespace) -> None:

@@ -15,7 +15,6 @@ whose text is shorter than its context is skipped with a message (and a ``skippe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -139,7 +138,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def evaluate_cli(args: argparse.Namespace) -> None:
-    from . import auto_evidence
     from .loading import load_causal_lm, load_draft
     from .tree import tree_setting, tree_setting_text
 
@@ -150,10 +148,8 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     if getattr(args, "prompt_lookup", None) is not None:
         draft.generation_config.prompt_lookup_num_tokens = args.prompt_lookup
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
-    evidence_file = getattr(args, "auto_evidence", None)
-    with auto_evidence.recording() if evidence_file else contextlib.nullcontext() as evidence:
-        rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts,
-                        getattr(args, "draft_vocab_sizes", None))
+    rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts,
+                    getattr(args, "draft_vocab_sizes", None))
     lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
     print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
           f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
@@ -162,7 +158,3 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    if evidence_file:
-        auto_evidence.save(evidence, evidence_file)
-        print(f"\nauto's evidence ({evidence_file}), replayed with other constants:\n")
-        print(auto_evidence.replay(evidence))

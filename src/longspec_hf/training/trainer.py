@@ -136,6 +136,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     # (accelerate only forms a CPU process group when told it runs on the CPU).
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not has_accelerator(),
                               mixed_precision="bf16" if config.dtype == "bf16" else "no")
+    if accelerator.num_processes > 1:
+        close_process_group_at_exit()
     store = data = loss_mask = None
     if config.features:
         # The store holds what the target computes; the target itself only lends the draft its embeddings and
@@ -272,6 +274,21 @@ def save_checkpoint(accelerator, draft_model, optimizer, scheduler, folder: Path
         accelerator.unwrap_model(draft_model).save_pretrained(folder)
         save_training_state(folder, optimizer, scheduler, step,
                             {"consumed_micro_batches": step * config.grad_accum, "config": asdict(config)})
+
+
+def close_process_group_at_exit() -> None:
+    """Destroy the process group when the process exits, once. A gloo group left to the interpreter's own teardown can
+    abort a rank after a finished run ("terminate called without an active exception", exit code -6), which fails the
+    launch; destroying it at the end of `train` instead would break the next stage of a recipe in the same process."""
+    import atexit
+
+    global _CLOSE_REGISTERED
+    if not _CLOSE_REGISTERED:
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+        _CLOSE_REGISTERED = True
+
+
+_CLOSE_REGISTERED = False
 
 
 def run_recipe(base: TrainConfig, stages: list[dict], progress: bool = True) -> LongSpecDraftModel:
