@@ -391,28 +391,14 @@ def host_timer():
         auto_tree.AutoTree.choose = choose
 
 
-POLICY_VARIANTS = {
-    "as shipped": {},
-    "HORIZON 1": {"HORIZON": 1},
-    "HORIZON 2": {"HORIZON": 2},
-    "HORIZON 8": {"HORIZON": 8},
-    "FRONTIER 1": {"FRONTIER": 1},
-    "FRONTIER 2": {"FRONTIER": 2},
-    "FRONTIER 16": {"FRONTIER": 16},
-    "WIDTHS 1,2,4,8,16": {"WIDTHS": (1, 2, 4, 8, 16)},
-    "WIDTHS 1..16": {"WIDTHS": tuple(range(1, 17))},
-    "EXPLORE_EVERY 2": {"EXPLORE_EVERY": 2},
-    "EXPLORE_EVERY 8": {"EXPLORE_EVERY": 8},
-    "EXPLORE_MAX 16": {"EXPLORE_MAX": 16},
-    "EXPLORE_MAX 256": {"EXPLORE_MAX": 256},
-    "LOOKUP_PRIOR 0": {"LOOKUP_PRIOR": 0.0},
-    "LOOKUP_PRIOR 3": {"LOOKUP_PRIOR": 3.0},
-    "SCALE_RATE 0 (no scale)": {"SCALE_RATE": 0.0},
-    "SCALE_RATE 0.5": {"SCALE_RATE": 0.5},
-    "acceptance: DEPTHS 1": {"DEPTHS": 1},
-    "acceptance: RANK_CLASSES 1": {"RANK_CLASSES": 1},
-    "acceptance: PRIOR_WEIGHT 10": {"PRIOR_WEIGHT": 10.0},
+# Each constant of auto_tree / acceptance with the values tried against the shipped one.
+POLICY_VALUES = {
+    "HORIZON": (1, 2, 8), "FRONTIER": (1, 2, 16), "WIDTHS": ((1, 2, 4, 8, 16), tuple(range(1, 17))),
+    "EXPLORE_EVERY": (2, 8), "EXPLORE_MAX": (16, 256), "LOOKUP_PRIOR": (0.0, 3.0), "SCALE_RATE": (0.0, 0.5),
+    "DEPTHS": (1,), "RANK_CLASSES": (1,), "PRIOR_WEIGHT": (10.0,),
 }
+POLICY_VARIANTS = {"as shipped": {}} | {f"{name} {value}": {name: value} for name, values in POLICY_VALUES.items()
+                                        for value in values}
 
 
 def policy_table(target, drafter, prompts: list, samples: dict, max_new_tokens: int,

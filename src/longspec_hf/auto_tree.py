@@ -202,7 +202,7 @@ class AutoTree:
         self.tree_nodes = 1  # nodes of the draft's tree (the lookup branch is grafted after them)
         self.level_acceptance = [[1.0] for _ in range(rows)]  # of the current level's nodes, per row
         # h along the path of each of the level's nodes, per row, and of every kept node of the round: what the
-        # call's scale multiplies (kept so that recorded evidence can replay other scale rules)
+        # call's scale multiplies (filled only while recording, so that the evidence can replay other scale rules)
         self.level_paths: list[list[list[float]]] = [[[]] for _ in range(rows)]
         self.kept_paths: list[list[float]] = []
         self.level_means = [1.0]
@@ -310,9 +310,10 @@ class AutoTree:
             self.nodes += keep
             self.tree_nodes += keep
             self.level_acceptance = [row[:keep] for row in candidates]
-            self.level_paths = [[self.level_paths[r][p] + [h] for p, h in zip(parents[r][:keep], raw[r][:keep],
-                                                                              strict=True)] for r in range(self.rows)]
-            self.kept_paths += [path for row in self.level_paths for path in row]
+            if self.evidence is not None:  # only a recording replays the scale: no per-level lists otherwise
+                self.level_paths = [[self.level_paths[r][p] + [h] for p, h in zip(
+                    parents[r][:keep], raw[r][:keep], strict=True)] for r in range(self.rows)]
+                self.kept_paths += [path for row in self.level_paths for path in row]
             self.level_means = means[:keep]
             self.shape.append(keep)
         return keep
