@@ -244,6 +244,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "draft's own prompt_lookup_num_tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
+    parser.add_argument("--agreement", type=int, nargs="+", default=None, metavar="LAG",
+                        help="instead of tau, the draft's teacher-forced top-1 agreement with the target's greedy "
+                             "token at each LAG (1 = a round's first token, d + 1 = depth d), scored at every "
+                             "position of the prompts without generating: low-noise, for comparing checkpoints")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--auto-evidence", default=None, metavar="FILE",
                         help="record what tree_shape=\"auto\"'s models predicted and what happened into FILE (JSON), "

@@ -95,11 +95,19 @@ def draft_vocabularies(draft, sizes: list[int] | None) -> list[tuple[str, torch.
 
 
 def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[int], max_new_tokens: int,
-             prompts_per_context: int = DEFAULT_PROMPTS, vocab_sizes: list[int] | None = None) -> list[dict]:
+             prompts_per_context: int = DEFAULT_PROMPTS, vocab_sizes: list[int] | None = None,
+             agreement_lags: list[int] | None = None) -> list[dict]:
     """One row per (domain, context, draft vocabulary): tau pooled over `prompts_per_context` prompts, or
     ``skipped`` with the reason when the domain's text is shorter than the context. `vocab_sizes`: compare draft
-    vocabularies (prefixes of the draft's ranked one, 0 = all) on the same prompts; the draft is left as it was."""
+    vocabularies (prefixes of the draft's ranked one, 0 = all) on the same prompts; the draft is left as it was.
+    `agreement_lags`: instead of tau, the teacher-forced top-1 agreement with the target at each of these lags
+    (:mod:`~longspec_hf.agreement`; no generation), one row per lag."""
+    from .agreement import is_teacher_forceable, measure_agreement
     from .training.data import load_texts
+
+    if agreement_lags and not is_teacher_forceable(draft):
+        raise ValueError(f"--agreement needs a LongSpec draft (its forward reads the target's KV); a "
+                         f"{type(draft).__name__} has none: measure its tau instead (drop --agreement).")
 
     own = getattr(draft, "draft_vocab", None)
     vocabularies = draft_vocabularies(draft, vocab_sizes)
@@ -122,18 +130,33 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
             for label, vocab in vocabularies:
                 if vocab_sizes:
                     draft.set_draft_vocabulary(vocab)
-                rows.append({**cell, "vocab": label, **measure_tau(target, draft, prompts, max_new_tokens)})
+                if agreement_lags:
+                    rows += [{**cell, "vocab": label, **row}
+                             for row in measure_agreement(target, draft, prompts, agreement_lags)]
+                else:
+                    rows.append({**cell, "vocab": label, **measure_tau(target, draft, prompts, max_new_tokens)})
             if vocab_sizes:
                 draft.set_draft_vocabulary(own)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
+    if any("agreement" in r for r in rows):
+        return agreement_table(rows)
     lines = ["| domain | context | draft vocabulary | tau | draft ms/round | rounds | prompts |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
               f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['tau']:.2f} | {r['draft_ms_per_round']:.1f} | "
               f"{r['rounds']} | {r['prompts']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def agreement_table(rows: list[dict]) -> str:
+    lines = ["| domain | context | draft vocabulary | lag | top-1 agreement | positions | prompts |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
+              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['lag']} | {r['agreement']:.3f} | "
+              f"{r['positions']} | {r['prompts']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -148,12 +171,16 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     if getattr(args, "prompt_lookup", None) is not None:
         draft.generation_config.prompt_lookup_num_tokens = args.prompt_lookup
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
+    lags = getattr(args, "agreement", None)
     rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts,
-                    getattr(args, "draft_vocab_sizes", None))
+                    getattr(args, "draft_vocab_sizes", None), lags)
     lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
-    print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
-          f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
-          "tokens per prompt")
+    if lags:
+        print("teacher-forced top-1 agreement with the target's greedy token, on the prompts' own text")
+    else:
+        print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
+              f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
+              "tokens per prompt")
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:

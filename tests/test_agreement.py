@@ -1,0 +1,81 @@
+"""Teacher-forced agreement (`longspec eval --agreement`): on the target's own greedy continuation it predicts every
+round of a chain decode exactly, which pins down what each lag means; on text it ranks drafts without generating."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import longspec_hf_cli
+from longspec_hf import evaluation
+from longspec_hf.agreement import agreement_hits, chain_walk, measure_agreement, target_view
+from longspec_hf.loading import load_causal_lm, load_draft
+
+PROMPT, NEW, DEPTH = 40, 40, 3
+
+
+def echoing_draft(target):
+    """A draft whose blocks add nothing: it scores the head's reading of the input token's embedding, which agrees
+    with a tiny random target's greedy token often enough (its continuations loop) to make acceptances happen."""
+    draft = load_draft(None, target)
+    with torch.no_grad():
+        for proj in (draft.self_attn.o_proj, draft.cross_attn.o_proj, draft.mlp.down_proj):
+            proj.weight.zero_()
+    draft.generation_config.tree_shape = [1] * DEPTH
+    draft.generation_config.prompt_lookup_num_tokens = 0
+    return draft
+
+
+@pytest.mark.filterwarnings("ignore:This LongSpec draft is untrained")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_agreement_predicts_every_chain_round(family):
+    target, _ = load_causal_lm(f"toy:{family}")
+    draft = echoing_draft(target)
+    accepted = 0
+    for seed in range(3):
+        ids = torch.randint(3, 200, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        full = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW)  # [1, PROMPT + NEW]
+        view = target_view(target, full)
+        hits = {lag: agreement_hits(draft, full, view, lag)[0] for lag in range(1, DEPTH + 1)}
+        predicted = chain_walk(hits, PROMPT, full.shape[1], DEPTH)
+        out = target.generate(ids, attention_mask=mask, assistant_model=draft, do_sample=False, max_new_tokens=NEW)
+        assert torch.equal(out, full)
+        measured = draft.stats.acceptance_lengths
+        # The last round is cut to the tokens still wanted; every other one is predicted exactly.
+        assert len(measured) == len(predicted) and measured[:-1] == predicted[:-1]
+        accepted += sum(measured[:-1])
+    assert accepted >= 5  # the comparison saw acceptances, not only rejections
+
+
+@pytest.mark.filterwarnings("ignore:This LongSpec draft is untrained")
+def test_measure_agreement_rows_and_errors():
+    target, _ = load_causal_lm("toy:llama")
+    draft = echoing_draft(target)
+    prompts = [torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    rows = measure_agreement(target, draft, prompts, [1, 2])
+    assert [r["lag"] for r in rows] == [1, 2] and [r["positions"] for r in rows] == [2 * 22, 2 * 21]
+    assert all(0.0 < r["agreement"] < 1.0 for r in rows)
+    with pytest.raises(ValueError, match="Lags start at 1"):
+        measure_agreement(target, draft, prompts, [0])
+    with pytest.raises(ValueError, match="at least 7 tokens"):
+        agreement_hits(draft, prompts[0][:, :6], target_view(target, prompts[0][:, :6]), 5)
+    with pytest.raises(ValueError, match="needs a LongSpec draft"):
+        measure_agreement(target, load_draft("self", target), prompts, [1])
+
+
+def test_eval_cli_agreement_table(capsys):
+    parser = argparse.ArgumentParser()
+    longspec_hf_cli.add_eval_arguments(parser)
+    args = parser.parse_args(["--target", "toy:llama", "--draft", "self", "--contexts", "24", "--agreement", "1"])
+    with pytest.raises(ValueError, match="drop --agreement"):
+        evaluation.evaluate_cli(args)
+    target, tokenizer = load_causal_lm("toy:llama")
+    rows = evaluation.evaluate(target, load_draft(None, target), tokenizer, evaluation.DEFAULT_DOMAINS, [24], 0,
+                               prompts_per_context=8, agreement_lags=[1, 3])
+    assert [(r["domain"], r["lag"], r["positions"]) for r in rows] == [
+        ("code", 1, 8 * 22), ("code", 3, 8 * 20), ("prose", 1, 8 * 22), ("prose", 3, 8 * 20)]
+    table = evaluation.markdown_table(rows)
+    assert "| top-1 agreement |" in table and "| code | 24 | all | 3 |" in table
