@@ -7,6 +7,10 @@ window of text therefore score every position of it, where `longspec eval`'s tau
 prompt's continuation has: thousands of positions per prompt, so far less noise per second of compute, which is
 what comparing checkpoints needs. It is measured on the text itself (the inputs are the text's tokens, not the
 target's continuation of it), so it ranks drafts rather than predicting tau exactly.
+
+On the target's own greedy continuation of a prompt, the same hits give the chain's tau exactly (:func:`chain_tau`):
+the rounds a greedy chain decode would run, without running one — one plain `generate()` per prompt, shared by every
+draft measured on it, then a forward per lag.
 """
 
 from __future__ import annotations
@@ -53,11 +57,13 @@ def chain_walk(hits: dict[int, torch.Tensor], start: int, length: int, depth: in
     """Accepted draft tokens per round of a greedy chain of `depth` tokens over a sequence of `length` tokens that
     is the target's own greedy continuation from index `start` (the first round's root: the prefill's token), given
     `hits[lag] [L - lag - 1]` of :func:`agreement_hits` for lags ``1 .. depth``: a round rooted at ``p`` accepts
-    while the token at depth ``d`` (index ``p + d``, lag ``d + 1``, target KV of indices ``< p``) agrees."""
+    while the token at depth ``d`` (index ``p + d``, lag ``d + 1``, target KV of indices ``< p``) agrees, never
+    past the end: the last round drafts only what leaves room for its bonus token, as generate() does near
+    `max_new_tokens`."""
     rounds, p = [], start
     while p < length - 1:
         accepted = 0
-        while accepted < depth and p + accepted < length - 1 and hits[accepted + 1][p - 1]:
+        while accepted < depth and p + accepted < length - 2 and hits[accepted + 1][p - 1]:
             accepted += 1
         rounds.append(accepted)
         p += accepted + 1
@@ -82,3 +88,28 @@ def measure_agreement(target, draft, prompts: list[torch.LongTensor], lags: list
             scored[lag] += h.numel()
     return [{"lag": lag, "agreement": hits[lag] / max(scored[lag], 1), "positions": scored[lag],
              "prompts": len(prompts)} for lag in lags]
+
+
+@torch.no_grad()
+def greedy_continuations(target, prompts: list[torch.LongTensor], max_new_tokens: int) -> list[tuple]:
+    """Per prompt `[1, T]`: `(sequence [1, T + n], target_view of it, T)`, the sequence being the target's plain
+    greedy continuation: what any lossless greedy decode of that prompt returns."""
+    items = []
+    for ids in prompts:
+        full = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=max_new_tokens)  # [1, T + n]
+        items.append((full, target_view(target, full), ids.shape[1]))
+    return items
+
+
+def chain_tau(draft, continuations: list[tuple], depth: int) -> dict:
+    """tau of a greedy chain of `depth` draft tokens (the draft alone) over `continuations`
+    (:func:`greedy_continuations`), pooled like `longspec eval`'s: (accepted draft tokens + rounds) / rounds."""
+    rounds = accepted = 0
+    for full, view, prompt_length in continuations:
+        hits = {lag: agreement_hits(draft, full, view, lag)[0] for lag in range(1, depth + 1)}
+        walk = chain_walk(hits, prompt_length, full.shape[1], depth)
+        rounds += len(walk)
+        accepted += sum(walk)
+    return {"tau": (accepted + rounds) / max(rounds, 1), "rounds": rounds, "accepted_tokens": accepted,
+            "prompts": len(continuations)}

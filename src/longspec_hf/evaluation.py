@@ -103,7 +103,6 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
     `agreement_lags`: instead of tau, the teacher-forced top-1 agreement with the target at each of these lags
     (:mod:`~longspec_hf.agreement`; no generation), one row per lag."""
     from .agreement import is_teacher_forceable, measure_agreement
-    from .training.data import load_texts
 
     if agreement_lags and not is_teacher_forceable(draft):
         raise ValueError(f"--agreement needs a LongSpec draft (its forward reads the target's KV); a "
@@ -112,6 +111,28 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
     own = getattr(draft, "draft_vocab", None)
     vocabularies = draft_vocabularies(draft, vocab_sizes)
     rows = []
+    for cell, prompts in held_out_cells(tokenizer, domains, contexts, prompts_per_context):
+        if prompts is None:
+            rows.append(cell)
+            continue
+        for label, vocab in vocabularies:
+            if vocab_sizes:
+                draft.set_draft_vocabulary(vocab)
+            if agreement_lags:
+                rows += [{**cell, "vocab": label, **row}
+                         for row in measure_agreement(target, draft, prompts, agreement_lags)]
+            else:
+                rows.append({**cell, "vocab": label, **measure_tau(target, draft, prompts, max_new_tokens)})
+        if vocab_sizes:
+            draft.set_draft_vocabulary(own)
+    return rows
+
+
+def held_out_cells(tokenizer, domains: dict[str, str], contexts: list[int], prompts_per_context: int):
+    """Yield `(cell, prompts)` per (domain, context): `cell` names it, `prompts` are its windows `[1, context]`; a
+    domain whose text is shorter than the context yields `cell` with the ``skipped`` reason and `prompts` None."""
+    from .training.data import load_texts
+
     for domain, source in domains.items():
         texts = load_texts([source])
         stream = token_stream(tokenizer, texts, max(contexts) * prompts_per_context * 2)
@@ -121,23 +142,12 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
                 reason = f"{source} has {len(stream)} tokens, fewer than one {context}-token prompt"
                 print(f"longspec eval: skipping {domain} at context {context}: {reason}; add text to the domain "
                       "(--domain NAME=SOURCE) or use shorter --contexts.", file=sys.stderr)
-                rows.append({**cell, "skipped": reason})
+                yield {**cell, "skipped": reason}, None
                 continue
             if len(stream) < context * prompts_per_context:
                 print(f"longspec eval: {domain} at context {context}: {len(stream)} tokens of text, so its "
                       f"{prompts_per_context} prompts overlap.", file=sys.stderr)
-            prompts = windows(stream, context, prompts_per_context)
-            for label, vocab in vocabularies:
-                if vocab_sizes:
-                    draft.set_draft_vocabulary(vocab)
-                if agreement_lags:
-                    rows += [{**cell, "vocab": label, **row}
-                             for row in measure_agreement(target, draft, prompts, agreement_lags)]
-                else:
-                    rows.append({**cell, "vocab": label, **measure_tau(target, draft, prompts, max_new_tokens)})
-            if vocab_sizes:
-                draft.set_draft_vocabulary(own)
-    return rows
+            yield cell, windows(stream, context, prompts_per_context)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -146,9 +156,14 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| domain | context | draft vocabulary | tau | draft ms/round | rounds | prompts |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
-              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['tau']:.2f} | {r['draft_ms_per_round']:.1f} | "
+              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['tau']:.2f} | {draft_ms(r)} | "
               f"{r['rounds']} | {r['prompts']} |" for r in rows]
     return "\n".join(lines)
+
+
+def draft_ms(row: dict) -> str:
+    """The draft's ms per round, or "-" for a tau computed without decoding (teacher-forced)."""
+    return f"{row['draft_ms_per_round']:.1f}" if "draft_ms_per_round" in row else "-"
 
 
 def agreement_table(rows: list[dict]) -> str:

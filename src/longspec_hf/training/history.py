@@ -112,10 +112,40 @@ def update_card(folder: Path, history: list[dict], setting: str) -> None:
     readme.write_text(text)
 
 
+def chain_depth(tree_shape) -> int | None:
+    """The depth of a chain tree (every level one token wide), None for any other tree or "auto"."""
+    if isinstance(tree_shape, (list, tuple)) and tree_shape and all(width == 1 for width in tree_shape):
+        return len(tree_shape)
+    return None
+
+
+def chain_rows(target, tokenizer, folders: list[Path], domains: dict, contexts: list[int], depth: int,
+               max_new_tokens: int, prompts: int) -> list[list[dict]]:
+    """Per draft folder, one row per held-out cell: the greedy chain's tau computed teacher-forced on the target's
+    own continuations (exactly the rounds a chain decode runs, `longspec_hf.agreement.chain_tau`); the
+    continuations are generated once and shared by every draft."""
+    from ..agreement import chain_tau, greedy_continuations
+    from ..evaluation import held_out_cells
+    from ..loading import load_draft
+
+    cells = [(cell, None if windows is None else greedy_continuations(target, windows, max_new_tokens))
+             for cell, windows in held_out_cells(tokenizer, domains, contexts, prompts)]
+    tables = []
+    for folder in folders:
+        draft = load_draft(str(folder), target)
+        vocab = "all" if draft.draft_vocab is None else str(len(draft.draft_vocab))
+        tables.append([cell if items is None else {**cell, "vocab": vocab, **chain_tau(draft, items, depth)}
+                       for cell, items in cells])
+    return tables
+
+
 def promote(target, tokenizer, candidate: str | Path, current: str | Path, domains: dict, contexts: list[int],
             tree_shape, max_new_tokens: int, prompts: int) -> tuple[bool, list[dict], list[dict]]:
     """Measure both drafts on the same prompts (draft alone: no prompt-lookup branch); copy the candidate's
-    weights and config over the current draft if its mean tau is higher, and record the run either way."""
+    weights and config over the current draft if its mean tau is higher, and record the run either way.
+
+    A chain tree is measured teacher-forced on the target's greedy continuations (the same tau, at a fraction of a
+    decode's cost, so more prompts fit: :func:`chain_rows`); any other tree by decoding (`longspec eval`'s tau)."""
     from ..evaluation import evaluate
     from ..modeling import LongSpecDraftModel
 
@@ -126,8 +156,15 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
         return evaluate(target, draft, tokenizer, domains, contexts, max_new_tokens, prompts)
 
     current, candidate = Path(current), Path(candidate)
-    new_rows = measured(candidate)
-    old_rows = measured(current) if (current / "model.safetensors").exists() else []
+    has_current = (current / "model.safetensors").exists()
+    depth = chain_depth(tree_shape)
+    if depth:
+        tables = chain_rows(target, tokenizer, [candidate, *([current] if has_current else [])], domains, contexts,
+                            depth, max_new_tokens, prompts)
+        new_rows, old_rows = tables[0], (tables[1] if has_current else [])
+    else:
+        new_rows = measured(candidate)
+        old_rows = measured(current) if has_current else []
     kept = not old_rows or mean_tau(new_rows) > mean_tau(old_rows)
     history = read_history(current)
     if not history and old_rows:  # the draft before any recorded run: its tau is the starting point
@@ -141,8 +178,9 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
             shutil.copy2(candidate / name, current / name)
     (current / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
     plot_history(history, current / PLOT)
+    how = "teacher-forced on the target's greedy continuations, " if depth else ""
     update_card(current, history, f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, "
-                f"draft alone, greedy, {prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
+                f"draft alone, greedy, {how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
                 f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
     return kept, new_rows, old_rows
 
