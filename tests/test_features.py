@@ -143,3 +143,17 @@ def test_positions_whose_top_k_lies_outside_the_vocabulary_are_skipped_without_n
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)
+
+
+def test_card_says_how_each_run_was_measured_when_the_protocol_changed(tmp_path):
+    from longspec_hf.training.history import record, update_card
+
+    run = {"tokens": 10, "seconds": 60, "steps": 1, "settings": {}}
+    rows = [{"domain": "d", "context": 8, "tau": 1.5}]
+    history = record(record([], run, rows, True, "decoded, 4 prompts"), run, rows, False, "teacher-forced, 16 prompts")
+    assert [h["measured"] for h in history] == ["decoded, 4 prompts", "teacher-forced, 16 prompts"]
+    update_card(tmp_path, history, "teacher-forced, 16 prompts")
+    card = (tmp_path / "README.md").read_text()
+    assert "runs 0: decoded, 4 prompts; runs 1: teacher-forced, 16 prompts" in card
+    update_card(tmp_path, history[:1], "decoded, 4 prompts")
+    assert "tau is higher (decoded, 4 prompts)" in (tmp_path / "README.md").read_text()

@@ -53,11 +53,15 @@ def mean_tau(rows: list[dict]) -> float:
     return sum(taus) / len(taus)
 
 
-def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool) -> list[dict]:
+def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, measured: str | None = None) -> list[dict]:
+    """`history` with the run appended; `measured` says how its tau was measured (the protocol can change between
+    runs: each entry keeps its own)."""
     before = sum(h["run"]["tokens"] for h in history if h["kept"])
     entry = {"date": datetime.date.today().isoformat(), "run": run, "kept": kept,
              "cumulative_tokens": before + run["tokens"],
              "tau": {cell_name(r): round(r["tau"], 3) for r in tau_rows if "tau" in r}}
+    if measured:
+        entry["measured"] = measured
     return [*history, entry]
 
 
@@ -100,8 +104,14 @@ def update_card(folder: Path, history: list[dict], setting: str) -> None:
     """Replace (or append) the card's training-history section: the table, the plot, how tau was measured."""
     readme = folder / "README.md"
     text = readme.read_text() if readme.exists() else ""
+    protocols = list(dict.fromkeys(h.get("measured", setting) for h in history))
+    how = f"({setting})"
+    if len(protocols) > 1:  # entries measured another way say how, by run number
+        how = "; ".join(f"runs {', '.join(str(i) for i, h in enumerate(history) if h.get('measured', setting) == p)}: "
+                        f"{p}" for p in protocols)
+        how = f"(each run against the draft kept before it, measured as listed; {how})"
     section = (f"{SECTION}\n\nEach run continued from the draft kept before it; a run is kept only if its held-out "
-               f"tau is higher ({setting}). Written by `longspec promote`.\n\n{history_table(history)}\n\n"
+               f"tau is higher {how}. Written by `longspec promote`.\n\n{history_table(history)}\n\n"
                f"![tau against training tokens]({PLOT})\n")
     if SECTION in text:
         start = text.index(SECTION)
@@ -171,17 +181,18 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
         history = [{"date": datetime.date.today().isoformat(), "run": {"tokens": 0, "seconds": None, "steps": 0,
                                                                        "settings": {}},
                     "kept": True, "cumulative_tokens": 0, "tau": {cell_name(r): round(r["tau"], 3) for r in old_rows}}]
-    history = record(history, run_summary(candidate), new_rows, kept)
+    how = "teacher-forced on the target's greedy continuations, " if depth else ""
+    setting = (f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, draft alone, greedy, "
+               f"{how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
+               f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
+    history = record(history, run_summary(candidate), new_rows, kept, setting)
     if kept:
         current.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "config.json"):
             shutil.copy2(candidate / name, current / name)
     (current / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
     plot_history(history, current / PLOT)
-    how = "teacher-forced on the target's greedy continuations, " if depth else ""
-    update_card(current, history, f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, "
-                f"draft alone, greedy, {how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
-                f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
+    update_card(current, history, setting)
     return kept, new_rows, old_rows
 
 
