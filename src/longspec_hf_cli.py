@@ -248,6 +248,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of tau, the draft's teacher-forced top-1 agreement with the target's greedy "
                              "token at each LAG (1 = a round's first token, d + 1 = depth d), scored at every "
                              "position of the prompts without generating: low-noise, for comparing checkpoints")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="a chain's tau (--tree-shape 1 1 1, --prompt-lookup 0) computed on the target's plain "
+                             "greedy continuations instead of decoded: the same rounds, at a fraction of the cost")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--auto-evidence", default=None, metavar="FILE",
                         help="record what tree_shape=\"auto\"'s models predicted and what happened into FILE (JSON), "

@@ -104,3 +104,25 @@ def test_promote_measures_only_chains_teacher_forced():
 
     assert chain_depth([1, 1, 1]) == 3 and chain_depth((1,)) == 1
     assert chain_depth([4, 16, 16]) is None and chain_depth("auto") is None and chain_depth([]) is None
+
+
+@pytest.mark.filterwarnings("ignore:This LongSpec draft is untrained")
+def test_eval_teacher_forced_gives_the_decoded_tau_per_cell():
+    target, tokenizer = load_causal_lm("toy:llama")
+    draft = echoing_draft(target)
+    domains = {"code": "installed-code"}
+    decoded = evaluation.evaluate(target, draft, tokenizer, domains, [24, 40], 12, prompts_per_context=8)
+    forced = evaluation.evaluate(target, draft, tokenizer, domains, [24, 40], 12, prompts_per_context=8,
+                                 teacher_forced=True)
+    assert [(r["context"], r["rounds"], r["accepted_tokens"]) for r in forced] == [
+        (r["context"], r["rounds"], r["accepted_tokens"]) for r in decoded]
+    assert "| code | 24 | all |" in evaluation.markdown_table(forced)
+    draft.generation_config.tree_shape = [2, 2]
+    with pytest.raises(ValueError, match="--tree-shape 1 1 1"):
+        evaluation.evaluate(target, draft, tokenizer, domains, [24], 12, teacher_forced=True)
+    draft.generation_config.tree_shape = [1, 1]
+    draft.generation_config.prompt_lookup_num_tokens = 4
+    with pytest.raises(ValueError, match="--prompt-lookup 0"):
+        evaluation.evaluate(target, draft, tokenizer, domains, [24], 12, teacher_forced=True)
+    with pytest.raises(ValueError, match="drop --teacher-forced"):
+        evaluation.evaluate(target, load_draft("self", target), tokenizer, domains, [24], 12, teacher_forced=True)

@@ -96,17 +96,25 @@ def draft_vocabularies(draft, sizes: list[int] | None) -> list[tuple[str, torch.
 
 def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[int], max_new_tokens: int,
              prompts_per_context: int = DEFAULT_PROMPTS, vocab_sizes: list[int] | None = None,
-             agreement_lags: list[int] | None = None) -> list[dict]:
+             agreement_lags: list[int] | None = None, teacher_forced: bool = False) -> list[dict]:
     """One row per (domain, context, draft vocabulary): tau pooled over `prompts_per_context` prompts, or
     ``skipped`` with the reason when the domain's text is shorter than the context. `vocab_sizes`: compare draft
     vocabularies (prefixes of the draft's ranked one, 0 = all) on the same prompts; the draft is left as it was.
     `agreement_lags`: instead of tau, the teacher-forced top-1 agreement with the target at each of these lags
-    (:mod:`~longspec_hf.agreement`; no generation), one row per lag."""
-    from .agreement import is_teacher_forceable, measure_agreement
+    (:mod:`~longspec_hf.agreement`; no generation), one row per lag. `teacher_forced`: a chain tree's tau (the
+    draft alone) computed on the target's plain greedy continuations instead of decoded: the same rounds, cheaper."""
+    from .agreement import chain_tau, greedy_continuations, is_teacher_forceable, measure_agreement
+    from .training.history import chain_depth
 
-    if agreement_lags and not is_teacher_forceable(draft):
-        raise ValueError(f"--agreement needs a LongSpec draft (its forward reads the target's KV); a "
-                         f"{type(draft).__name__} has none: measure its tau instead (drop --agreement).")
+    flag = "--agreement" if agreement_lags else "--teacher-forced" if teacher_forced else None
+    if flag and not is_teacher_forceable(draft):
+        raise ValueError(f"{flag} needs a LongSpec draft (its forward reads the target's KV); a "
+                         f"{type(draft).__name__} has none: measure its tau by decoding instead (drop {flag}).")
+    generation_config = getattr(draft, "generation_config", None)
+    depth = chain_depth(getattr(generation_config, "tree_shape", None))
+    if teacher_forced and (not depth or getattr(generation_config, "prompt_lookup_num_tokens", None)):
+        raise ValueError("--teacher-forced computes a chain's tau with the draft alone: pass --tree-shape 1 1 1 (any "
+                         "depth, width 1) and --prompt-lookup 0; other trees are measured by decoding.")
 
     own = getattr(draft, "draft_vocab", None)
     vocabularies = draft_vocabularies(draft, vocab_sizes)
@@ -115,10 +123,13 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
         if prompts is None:
             rows.append(cell)
             continue
+        continuations = greedy_continuations(target, prompts, max_new_tokens) if teacher_forced else None
         for label, vocab in vocabularies:
             if vocab_sizes:
                 draft.set_draft_vocabulary(vocab)
-            if agreement_lags:
+            if continuations is not None:
+                rows.append({**cell, "vocab": label, **chain_tau(draft, continuations, depth)})
+            elif agreement_lags:
                 rows += [{**cell, "vocab": label, **row}
                          for row in measure_agreement(target, draft, prompts, agreement_lags)]
             else:
@@ -188,14 +199,14 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     domains = dict(d.split("=", 1) for d in args.domain) if args.domain else DEFAULT_DOMAINS
     lags = getattr(args, "agreement", None)
     rows = evaluate(target, draft, tokenizer, domains, args.contexts, args.max_new_tokens, args.prompts,
-                    getattr(args, "draft_vocab_sizes", None), lags)
+                    getattr(args, "draft_vocab_sizes", None), lags, getattr(args, "teacher_forced", False))
     lookup = getattr(draft.generation_config, "prompt_lookup_num_tokens", None)
     if lags:
         print("teacher-forced top-1 agreement with the target's greedy token, on the prompts' own text")
     else:
         print(f"tree shape {tree_setting_text(draft.generation_config.tree_shape)}"
               f"{f' + a {lookup}-token prompt-lookup branch' if lookup else ''}, greedy, {args.max_new_tokens} new "
-              "tokens per prompt")
+              f"tokens per prompt{', teacher-forced' if getattr(args, 'teacher_forced', False) else ''}")
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:
