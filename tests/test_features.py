@@ -154,6 +154,6 @@ def test_card_says_how_each_run_was_measured_when_the_protocol_changed(tmp_path)
     assert [h["measured"] for h in history] == ["decoded, 4 prompts", "teacher-forced, 16 prompts"]
     update_card(tmp_path, history, "teacher-forced, 16 prompts")
     card = (tmp_path / "README.md").read_text()
-    assert "runs 0: decoded, 4 prompts; runs 1: teacher-forced, 16 prompts" in card
+    assert "protocol 1, runs 0: decoded, 4 prompts; protocol 2, runs 1: teacher-forced, 16 prompts" in card
     update_card(tmp_path, history[:1], "decoded, 4 prompts")
     assert "tau is higher (decoded, 4 prompts)" in (tmp_path / "README.md").read_text()

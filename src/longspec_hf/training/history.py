@@ -53,29 +53,45 @@ def mean_tau(rows: list[dict]) -> float:
     return sum(taus) / len(taus)
 
 
-def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, measured: str | None = None) -> list[dict]:
+def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, measured: str | None = None,
+           baseline_rows: list[dict] | None = None) -> list[dict]:
     """`history` with the run appended; `measured` says how its tau was measured (the protocol can change between
-    runs: each entry keeps its own)."""
+    runs: each entry keeps its own), `baseline_rows` the kept draft's tau on the same prompts."""
     before = sum(h["run"]["tokens"] for h in history if h["kept"])
     entry = {"date": datetime.date.today().isoformat(), "run": run, "kept": kept,
              "cumulative_tokens": before + run["tokens"],
              "tau": {cell_name(r): round(r["tau"], 3) for r in tau_rows if "tau" in r}}
     if measured:
         entry["measured"] = measured
+    if baseline_rows:
+        entry["kept_draft_mean_tau"] = round(mean_tau(baseline_rows), 3)
     return [*history, entry]
 
 
+def run_labels(history: list[dict]) -> list[str]:
+    """The table's name of each entry: its index, or the first entry's number and "(again)" for a run promoted
+    again (e.g. under another protocol)."""
+    labels = []
+    for i, h in enumerate(history):
+        first = next(j for j, g in enumerate(history) if g["run"] == h["run"])
+        labels.append(str(i) if first == i or not h["run"].get("steps") else f"{first} (again)")
+    return labels
+
+
 def history_table(history: list[dict]) -> str:
+    labels = run_labels(history)
     cells = list(dict.fromkeys(c for h in history for c in h["tau"]))
     head = "| run | date | tokens | cumulative tokens | time | kept | "
-    lines = [head + " | ".join(f"tau {c}" for c in cells) + " |",
-             "|---" * (6 + len(cells)) + "|"]
+    lines = [head + " | ".join(f"tau {c}" for c in cells) + " | kept draft's mean tau, same prompts |",
+             "|---" * (7 + len(cells)) + "|"]
     for i, h in enumerate(history):
         seconds = h["run"].get("seconds")
         time_text = f"{seconds / 60:.0f} min" if seconds else "-"
         taus = " | ".join(f"{h['tau'][c]:.2f}" if c in h["tau"] else "" for c in cells)
-        lines.append(f"| {i} | {h['date']} | {h['run']['tokens']:,} | {h['cumulative_tokens']:,} | {time_text} | "
-                     f"{'yes' if h['kept'] else 'no'} | {taus} |")
+        label = labels[i]
+        baseline = h.get("kept_draft_mean_tau")
+        lines.append(f"| {label} | {h['date']} | {h['run']['tokens']:,} | {h['cumulative_tokens']:,} | {time_text} | "
+                     f"{'yes' if h['kept'] else 'no'} | {taus} | {'' if baseline is None else f'{baseline:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -87,9 +103,14 @@ def plot_history(history: list[dict], path: str | Path) -> None:
 
     cells = list(dict.fromkeys(c for h in history for c in h["tau"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for cell in cells:
-        points = [(h["cumulative_tokens"], h["tau"][cell]) for h in history if cell in h["tau"]]
-        ax.plot(*zip(*points, strict=True), marker="o", label=cell)
+    protocols = list(dict.fromkeys(h.get("measured") for h in history))
+    for k, protocol in enumerate(protocols):  # a tau measured another way is another line, never joined to these
+        for cell in cells:
+            points = [(h["cumulative_tokens"], h["tau"][cell]) for h in history
+                      if cell in h["tau"] and h.get("measured") == protocol]
+            if points:
+                label = cell if len(protocols) == 1 else f"{cell}, protocol {k + 1} (card)"
+                ax.plot(*zip(*points, strict=True), marker="os^v"[k % 4], label=label)
     ax.set_xlabel("training tokens (cumulative)")
     ax.set_ylabel("tau (tokens per target forward)")
     ax.set_title("held-out tau against training")
@@ -107,8 +128,10 @@ def update_card(folder: Path, history: list[dict], setting: str) -> None:
     protocols = list(dict.fromkeys(h.get("measured", setting) for h in history))
     how = f"({setting})"
     if len(protocols) > 1:  # entries measured another way say how, by run number
-        how = "; ".join(f"runs {', '.join(str(i) for i, h in enumerate(history) if h.get('measured', setting) == p)}: "
-                        f"{p}" for p in protocols)
+        labels = run_labels(history)
+        how = "; ".join(f"protocol {k + 1}, runs "
+                        f"{', '.join(labels[i] for i, h in enumerate(history) if h.get('measured', setting) == p)}: {p}"
+                        for k, p in enumerate(protocols))
         how = f"(each run against the draft kept before it, measured as listed; {how})"
     section = (f"{SECTION}\n\nEach run continued from the draft kept before it; a run is kept only if its held-out "
                f"tau is higher {how}. Written by `longspec promote`.\n\n{history_table(history)}\n\n"
@@ -185,7 +208,7 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
     setting = (f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, draft alone, greedy, "
                f"{how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
                f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
-    history = record(history, run_summary(candidate), new_rows, kept, setting)
+    history = record(history, run_summary(candidate), new_rows, kept, setting, old_rows)
     if kept:
         current.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "config.json"):
