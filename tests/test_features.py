@@ -150,10 +150,12 @@ def test_card_says_how_each_run_was_measured_when_the_protocol_changed(tmp_path)
 
     run = {"tokens": 10, "seconds": 60, "steps": 1, "settings": {}}
     rows = [{"domain": "d", "context": 8, "tau": 1.5}]
-    history = record(record([], run, rows, True, "decoded, 4 prompts"), run, rows, False, "teacher-forced, 16 prompts")
+    history = record(record([], run, rows, True, "decoded, 4 prompts"), run, rows, False, "teacher-forced, 16 prompts",
+                     baseline_rows=[{"domain": "d", "context": 8, "tau": 1.75}])
     assert [h["measured"] for h in history] == ["decoded, 4 prompts", "teacher-forced, 16 prompts"]
     update_card(tmp_path, history, "teacher-forced, 16 prompts")
     card = (tmp_path / "README.md").read_text()
-    assert "protocol 1, runs 0: decoded, 4 prompts; protocol 2, runs 1: teacher-forced, 16 prompts" in card
+    assert "protocol 1, runs 0: decoded, 4 prompts; protocol 2, runs 0 (again): teacher-forced, 16 prompts" in card
+    assert "| 0 (again) |" in card and card.rstrip().splitlines()[-3].endswith("| 1.50 | 1.75 |")
     update_card(tmp_path, history[:1], "decoded, 4 prompts")
     assert "tau is higher (decoded, 4 prompts)" in (tmp_path / "README.md").read_text()
