@@ -100,7 +100,7 @@ def test_chain_tau_is_the_decoded_tau():
 
 
 def test_promote_measures_only_chains_teacher_forced():
-    from longspec_hf.training.history import chain_depth
+    from longspec_hf.agreement import chain_depth
 
     assert chain_depth([1, 1, 1]) == 3 and chain_depth((1,)) == 1
     assert chain_depth([4, 16, 16]) is None and chain_depth("auto") is None and chain_depth([]) is None

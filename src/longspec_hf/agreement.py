@@ -53,6 +53,13 @@ def agreement_hits(draft, input_ids: torch.LongTensor, view, lag: int) -> torch.
     return top == greedy[:, lag : length - 1]
 
 
+def chain_depth(tree_shape) -> int | None:
+    """The depth of a chain tree (every level one token wide), None for any other tree or "auto"."""
+    if isinstance(tree_shape, (list, tuple)) and tree_shape and all(width == 1 for width in tree_shape):
+        return len(tree_shape)
+    return None
+
+
 def chain_walk(hits: dict[int, torch.Tensor], start: int, length: int, depth: int) -> list[int]:
     """Accepted draft tokens per round of a greedy chain of `depth` tokens over a sequence of `length` tokens that
     is the target's own greedy continuation from index `start` (the first round's root: the prefill's token), given

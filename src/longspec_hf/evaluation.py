@@ -103,8 +103,7 @@ def evaluate(target, draft, tokenizer, domains: dict[str, str], contexts: list[i
     `agreement_lags`: instead of tau, the teacher-forced top-1 agreement with the target at each of these lags
     (:mod:`~longspec_hf.agreement`; no generation), one row per lag. `teacher_forced`: a chain tree's tau (the
     draft alone) computed on the target's plain greedy continuations instead of decoded: the same rounds, cheaper."""
-    from .agreement import chain_tau, greedy_continuations, is_teacher_forceable, measure_agreement
-    from .training.history import chain_depth
+    from .agreement import chain_depth, chain_tau, greedy_continuations, is_teacher_forceable, measure_agreement
 
     flag = "--agreement" if agreement_lags else "--teacher-forced" if teacher_forced else None
     if flag and not is_teacher_forceable(draft):

@@ -145,13 +145,6 @@ def update_card(folder: Path, history: list[dict], setting: str) -> None:
     readme.write_text(text)
 
 
-def chain_depth(tree_shape) -> int | None:
-    """The depth of a chain tree (every level one token wide), None for any other tree or "auto"."""
-    if isinstance(tree_shape, (list, tuple)) and tree_shape and all(width == 1 for width in tree_shape):
-        return len(tree_shape)
-    return None
-
-
 def chain_rows(target, tokenizer, folders: list[Path], domains: dict, contexts: list[int], depth: int,
                max_new_tokens: int, prompts: int) -> list[list[dict]]:
     """Per draft folder, one row per held-out cell: the greedy chain's tau computed teacher-forced on the target's
@@ -190,6 +183,8 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
 
     current, candidate = Path(current), Path(candidate)
     has_current = (current / "model.safetensors").exists()
+    from ..agreement import chain_depth
+
     depth = chain_depth(tree_shape)
     if depth:
         tables = chain_rows(target, tokenizer, [candidate, *([current] if has_current else [])], domains, contexts,
