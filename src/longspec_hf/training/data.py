@@ -247,9 +247,11 @@ def fill(documents, budget: int, per_distribution: int) -> list[str]:
 
 def installed_code(seed: int = 0, budget: int = INSTALLED_BUDGET,
                    per_distribution: int = INSTALLED_PER_DISTRIBUTION) -> list[str]:
-    """Python sources of installed third-party distributions (files of one package stay together, in path order)."""
+    """Python sources of installed third-party distributions (files of one package stay together, in path order),
+    each distinct file once (packages that vendor the same module would otherwise repeat it)."""
 
     def documents():
+        seen = set()
         for dist in installed_distributions(seed):
             taken = 0
             for path in distribution_files(dist, (".py",)):
@@ -258,7 +260,8 @@ def installed_code(seed: int = 0, budget: int = INSTALLED_BUDGET,
                 if not path.is_file() or path.stat().st_size > 10 * per_distribution:
                     continue  # generated tables and data modules are not code to continue
                 text = path.read_text(errors="ignore")
-                if text.strip() and not repeats_stdlib(text):
+                if text.strip() and text not in seen and not repeats_stdlib(text):
+                    seen.add(text)
                     taken += len(text)
                     yield dist.metadata["Name"], text
 
