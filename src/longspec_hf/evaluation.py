@@ -160,29 +160,25 @@ def held_out_cells(tokenizer, domains: dict[str, str], contexts: list[int], prom
             yield cell, windows(stream, context, prompts_per_context)
 
 
+TAU_COLUMNS = ("tau", "draft ms/round", "rounds"), lambda r: (f"{r['tau']:.2f}", draft_ms(r), r["rounds"])
+AGREEMENT_COLUMNS = (("lag", "top-1 agreement", "positions"),
+                     lambda r: (r["lag"], f"{r['agreement']:.3f}", r["positions"]))
+
+
 def markdown_table(rows: list[dict]) -> str:
-    if any("agreement" in r for r in rows):
-        return agreement_table(rows)
-    lines = ["| domain | context | draft vocabulary | tau | draft ms/round | rounds | prompts |",
-             "|---|---|---|---|---|---|---|"]
+    """Tau rows, or agreement rows (`--agreement`), one line each; a skipped cell says why."""
+    names, values = AGREEMENT_COLUMNS if any("agreement" in r for r in rows) else TAU_COLUMNS
+    lines = [f"| domain | context | draft vocabulary | {' | '.join(names)} | prompts |",
+             "|---" * (len(names) + 4) + "|"]
     lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
-              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['tau']:.2f} | {draft_ms(r)} | "
-              f"{r['rounds']} | {r['prompts']} |" for r in rows]
+              f"| {r['domain']} | {r['context']} | {r['vocab']} | {' | '.join(map(str, values(r)))} | {r['prompts']} |"
+              for r in rows]
     return "\n".join(lines)
 
 
 def draft_ms(row: dict) -> str:
     """The draft's ms per round, or "-" for a tau computed without decoding (teacher-forced)."""
     return f"{row['draft_ms_per_round']:.1f}" if "draft_ms_per_round" in row else "-"
-
-
-def agreement_table(rows: list[dict]) -> str:
-    lines = ["| domain | context | draft vocabulary | lag | top-1 agreement | positions | prompts |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['domain']} | {r['context']} | | skipped: {r['skipped']} | | | |" if "skipped" in r else
-              f"| {r['domain']} | {r['context']} | {r['vocab']} | {r['lag']} | {r['agreement']:.3f} | "
-              f"{r['positions']} | {r['prompts']} |" for r in rows]
-    return "\n".join(lines)
 
 
 def evaluate_cli(args: argparse.Namespace) -> None:
