@@ -159,3 +159,13 @@ def test_card_says_how_each_run_was_measured_when_the_protocol_changed(tmp_path)
     assert "| 0 (again) |" in card and card.rstrip().splitlines()[-3].endswith("| 1.50 | 1.75 |")
     update_card(tmp_path, history[:1], "decoded, 4 prompts")
     assert "tau is higher (decoded, 4 prompts)" in (tmp_path / "README.md").read_text()
+
+
+def test_run_labels_number_runs_and_name_a_run_promoted_again_by_its_first_number():
+    from longspec_hf.training.history import run_labels
+
+    def entry(tokens, steps):
+        return {"run": {"tokens": tokens, "steps": steps}}
+
+    history = [entry(0, 0), entry(10, 5), entry(20, 5), entry(20, 5), entry(30, 5)]
+    assert run_labels(history) == ["0", "1", "2", "2 (again)", "3"]

@@ -69,12 +69,17 @@ def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, mea
 
 
 def run_labels(history: list[dict]) -> list[str]:
-    """The table's name of each entry: its index, or the first entry's number and "(again)" for a run promoted
-    again (e.g. under another protocol)."""
-    labels = []
-    for i, h in enumerate(history):
-        first = next(j for j, g in enumerate(history) if g["run"] == h["run"])
-        labels.append(str(i) if first == i or not h["run"].get("steps") else f"{first} (again)")
+    """The table's name of each entry: runs numbered in order, and a run promoted again (e.g. under another
+    protocol) named by its first number and "(again)", so it does not take the next run's number."""
+    labels, first_number, runs = [], {}, 0
+    for h in history:
+        key = json.dumps(h["run"], sort_keys=True)
+        if h["run"].get("steps") and key in first_number:
+            labels.append(f"{first_number[key]} (again)")
+            continue
+        first_number.setdefault(key, runs)
+        labels.append(str(runs))
+        runs += 1
     return labels
 
 
@@ -106,8 +111,8 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     protocols = list(dict.fromkeys(h.get("measured") for h in history))
     for k, protocol in enumerate(protocols):  # a tau measured another way is another line, never joined to these
         for cell in cells:
-            points = [(h["cumulative_tokens"], h["tau"][cell]) for h in history
-                      if cell in h["tau"] and h.get("measured") == protocol]
+            points = sorted((h["cumulative_tokens"], h["tau"][cell]) for h in history  # a run not kept can end
+                            if cell in h["tau"] and h.get("measured") == protocol)  # past a later kept one
             if points:
                 label = cell if len(protocols) == 1 else f"{cell}, protocol {k + 1} (card)"
                 ax.plot(*zip(*points, strict=True), marker="os^v"[k % 4], label=label)
