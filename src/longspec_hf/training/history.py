@@ -111,8 +111,9 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     protocols = list(dict.fromkeys(h.get("measured") for h in history))
     for k, protocol in enumerate(protocols):  # a tau measured another way is another line, never joined to these
         for cell in cells:
-            points = sorted((h["cumulative_tokens"], h["tau"][cell]) for h in history  # a run not kept can end
-                            if cell in h["tau"] and h.get("measured") == protocol)  # past a later kept one
+            # sorted: a run not kept ends past the tokens of a later, kept one
+            points = sorted((h["cumulative_tokens"], h["tau"][cell]) for h in history
+                            if cell in h["tau"] and h.get("measured") == protocol)
             if points:
                 label = cell if len(protocols) == 1 else f"{cell}, protocol {k + 1} (card)"
                 ax.plot(*zip(*points, strict=True), marker="os^v"[k % 4], label=label)
