@@ -83,6 +83,22 @@ def test_windows_of_one_stream_serve_every_context(toy):
         evaluation.windows(stream[:10], 16, 8)
 
 
+def test_a_cells_prompts_do_not_depend_on_the_other_contexts_of_the_call(toy):
+    _, _, tokenizer = toy
+    domains = {"prose": "installed-prose"}
+
+    def prompts(contexts):
+        return {cell["context"]: [p[0].tolist() for p in windows]
+                for cell, windows in evaluation.held_out_cells(tokenizer, domains, contexts, 8)}
+
+    alone, together = prompts([16]), prompts([16, 256])
+    assert alone[16] == together[16]
+    # The same windows a benchmark cuts from the same text (one definition of "the prompts of a cell").
+    texts = data.load_texts(["installed-prose"])
+    assert alone[16] == [p[0].tolist() for p in evaluation.prompt_windows(tokenizer, texts, 16, 8)]
+    assert together[256] == [p[0].tolist() for p in evaluation.prompt_windows(tokenizer, texts, 256, 8)]
+
+
 def test_eval_cli_writes_every_cell(tmp_path, capsys):
     out = tmp_path / "rows.json"
     parser = argparse.ArgumentParser()

@@ -25,11 +25,15 @@ DEFAULT_DOMAINS = {"code": "installed-code", "prose": "installed-prose"}
 DEFAULT_PROMPTS = 8
 
 
-def token_stream(tokenizer, texts: list[str], limit: int) -> list[int]:
-    """The documents' tokens, concatenated, up to the first document that reaches `limit` tokens."""
+def token_stream(tokenizer, texts: list[str], limit: int, tokenized: list[list[int]] | None = None) -> list[int]:
+    """The documents' tokens, concatenated, up to the first document that reaches `limit` tokens. `tokenized`: a
+    list the documents' tokens are kept in, so later calls with a higher limit tokenize only what they add."""
+    tokenized = [] if tokenized is None else tokenized
     stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
+    for index, text in enumerate(texts):
+        if index == len(tokenized):
+            tokenized.append(tokenizer(text, add_special_tokens=False).input_ids)
+        stream.extend(tokenized[index])
         if len(stream) >= limit:
             break
     return stream
@@ -144,9 +148,11 @@ def held_out_cells(tokenizer, domains: dict[str, str], contexts: list[int], prom
     from .training.data import load_texts
 
     for domain, source in domains.items():
-        texts = load_texts([source])
-        stream = token_stream(tokenizer, texts, max(contexts) * prompts_per_context * 2)
+        texts, tokenized = load_texts([source]), []
         for context in contexts:
+            # Sized by this context alone, as `prompt_windows` does: a cell's prompts must not depend on which other
+            # contexts the same call asks for, or two evals of one cell would compare different text.
+            stream = token_stream(tokenizer, texts, context * prompts_per_context * 2, tokenized)
             cell = {"domain": domain, "source": source, "context": context}
             if len(stream) < context:
                 reason = f"{source} has {len(stream)} tokens, fewer than one {context}-token prompt"
