@@ -72,7 +72,7 @@ def test_evaluate_held_out_domains_on_the_toy(toy, tmp_path, capsys):
     assert "| short | 48 | | skipped:" in evaluation.markdown_table(rows)
 
 
-def test_windows_of_one_stream_serve_every_context(toy):
+def test_windows_are_distinct_and_need_one_context_of_text(toy):
     _, _, tokenizer = toy
     stream = evaluation.token_stream(tokenizer, data.load_texts(["installed-prose"]), 64 * 8 * 2)
     for context in (16, 64):

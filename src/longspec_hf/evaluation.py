@@ -47,9 +47,16 @@ def windows(stream: list[int], context: int, count: int) -> list[torch.LongTenso
     return [torch.tensor(stream[s : s + context])[None] for s in starts]
 
 
+def prompt_text(tokenizer, texts: list[str], context: int, count: int,
+                tokenized: list[list[int]] | None = None) -> list[int]:
+    """The stretch of text `count` prompts of `context` tokens are cut from: sized by that context alone, so a
+    cell's prompts do not depend on which other contexts the same call asks for."""
+    return token_stream(tokenizer, texts, context * count * 2, tokenized)
+
+
 def prompt_windows(tokenizer, texts: list[str], context: int, count: int) -> list[torch.LongTensor]:
     """`count` windows `[1, context]` spread evenly over the concatenated documents."""
-    return windows(token_stream(tokenizer, texts, context * count * 2), context, count)
+    return windows(prompt_text(tokenizer, texts, context, count), context, count)
 
 
 def measure_tau(target, draft, prompts: list[torch.LongTensor], max_new_tokens: int) -> dict:
@@ -150,9 +157,7 @@ def held_out_cells(tokenizer, domains: dict[str, str], contexts: list[int], prom
     for domain, source in domains.items():
         texts, tokenized = load_texts([source]), []
         for context in contexts:
-            # Sized by this context alone, as `prompt_windows` does: a cell's prompts must not depend on which other
-            # contexts the same call asks for, or two evals of one cell would compare different text.
-            stream = token_stream(tokenizer, texts, context * prompts_per_context * 2, tokenized)
+            stream = prompt_text(tokenizer, texts, context, prompts_per_context, tokenized)
             cell = {"domain": domain, "source": source, "context": context}
             if len(stream) < context:
                 reason = f"{source} has {len(stream)} tokens, fewer than one {context}-token prompt"
