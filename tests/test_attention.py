@@ -458,6 +458,31 @@ def test_stacked_heads_as_mha_equal_gqa(g, q_len, kind):
     torch.testing.assert_close(plain_lse, expected_lse, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_cpu_lse_op_runs_once_per_kv_head(monkeypatch, q_len, kind):
+    """The CPU path hands the fused op the KV heads as they are (stacked queries), so it reads the prefix once per KV
+    head rather than once per query head, and still returns GQA's result in the query heads' layout."""
+    b, hkv, g, s = 2, 2, 3, 41
+    h = hkv * g
+    gen = torch.Generator().manual_seed(7 + q_len)
+    query = hf_query(b, h, q_len, D, gen)
+    key, value = cache_views(b, hkv, s, D, gen)
+    mask = prefix_mask(kind, b, h, q_len, s, gen)
+    op, calls = attention._cpu_lse_op(), []
+
+    def recording(q, *args, **kwargs):
+        calls.append(q.shape)
+        return op(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_cpu_lse_op", lambda: recording)
+    out, lse = attention.sdpa_lse_attention(query, key, value, mask, SCALE)
+    assert calls == [(b, hkv, g * q_len, D)]
+    expected_out, expected_lse = gqa_reference(query, key, value, mask)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", [None, "shared", "per_head"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_attention_reads_strided_cache_views(backend, kind):
