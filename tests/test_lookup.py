@@ -232,3 +232,25 @@ def test_the_lookup_rule_weighs_its_tokens_against_the_seconds_its_nodes_add():
     assert auto.nodes == 1
     auto.rounds_without_lookup = 3  # but it is tried every few rounds, to keep its estimate current
     assert auto.begin_round(1000, 1, 8, lookup_nodes=6).lookup and auto.nodes == 7
+
+
+def test_the_benchs_calibration_line_leaves_the_lookup_branchs_tokens_out(device_costs):
+    """`longspec bench` sets the acceptance model's prediction (the draft's trees) beside the tokens accepted from the
+    draft's trees, not beside every accepted token: the lookup branch's, which the model never predicts, stay out."""
+    from longspec_hf.bench.methods import speculative
+    from longspec_hf.bench.runner import prefill
+
+    device_costs(**GPU_LIKE)  # the branch is verified in every round
+    target = tiny_target("gemma")  # its text cycles: the branch accepts many tokens
+    ids = cycling_prompt(target)
+    torch.manual_seed(1)
+    draft = LongSpecDraftModel.from_target(target, sink_size=4, window_size=16)
+    used = set(ids[0].tolist())
+    draft.set_draft_vocabulary([t for t in range(target.config.vocab_size) if t not in used][:8])  # drafts miss
+    cache, _ = prefill(target, ids)
+    output = speculative(draft, "auto", "longspec", lookup=6).generate(target, ids, cache, 40)
+    stats = draft.stats
+    assert stats.lookup_accepted_tokens > 10
+    _, accepted = output.predicted_accepted
+    assert accepted == stats.accepted_tokens - stats.lookup_accepted_tokens
+    assert accepted <= 2  # a draft that can only propose tokens absent from the text is rarely right

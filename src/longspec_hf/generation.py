@@ -70,8 +70,8 @@ class SpeculativeStats:
             filled when ``draft.generation_config.profile_rounds`` is True (timing synchronises the device).
         tree_shapes: under ``tree_shape="auto"``, how many rounds used each tree (level widths "1,1,1"; "none": the
             root only, a plain decode step).
-        predicted_accepted: under "auto", the accepted draft tokens the acceptance model expected, summed over
-            rounds (compare with `accepted_tokens` for its calibration).
+        predicted_accepted: under "auto", the accepted tokens of the draft's trees the acceptance model expected,
+            summed over rounds (compare with `accepted_tokens - lookup_accepted_tokens` for its calibration).
         measure_seconds: under "auto", seconds spent timing forwards for the cost model (first use at a context).
         lookup_accepted_tokens: with ``prompt_lookup_num_tokens``, accepted tokens that came from the lookup branch
             (beyond what the draft's own tree proposed); included in `accepted_tokens`. `lookup_rounds`: rounds that

@@ -31,7 +31,8 @@ class MethodOutput:
     draft_cache_bytes: int | None = None
     target_forwards: int | None = None  # None: counted by a hook on the target's last decoder layer
     tree_shapes: dict[str, int] | None = None  # under tree_shape="auto": rounds per tree chosen
-    # under "auto": accepted draft tokens its acceptance model expected, and those accepted
+    # under "auto": tokens of the draft's tree its acceptance model expected, and those accepted (the lookup branch's
+    # accepted tokens apart: the model does not predict them)
     predicted_accepted: tuple[float, int] | None = None
 
 
@@ -210,7 +211,9 @@ def speculative(draft, tree_shape: list[int] | str | None, name: str, specpv: di
         stats = draft.stats
         return MethodOutput(out, draft_cache_bytes=stats.draft_cache_bytes, target_forwards=stats.rounds + 1,
                             tree_shapes=dict(stats.tree_shapes) or None,
-                            predicted_accepted=(stats.predicted_accepted, stats.accepted_tokens)
+                            # The prediction covers the draft's tree only: the lookup branch's tokens are not in it.
+                            predicted_accepted=(stats.predicted_accepted,
+                                                stats.accepted_tokens - stats.lookup_accepted_tokens)
                             if stats.tree_shapes else None)
 
     # What the method runs, its changes over the drafter's own settings included, as results.json reports it.

@@ -35,7 +35,8 @@ def markdown_table(result: dict) -> str:
         lines += ["", "Trees chosen by `tree_shape=\"auto\"` (level widths: rounds; none = a plain step):"]
         lines += [f"- {row['workload']} {row['context']} {row['method']}: "
                   + ", ".join(f"{name}: {n}" for name, n in list(row["tree_shapes"].items())[:6])
-                  + (f" (accepted draft tokens: {row['accepted_tokens']}, predicted {row['predicted_accepted']:.0f})"
+                  + (f" (accepted tokens of the draft's trees: {row['accepted_tokens']}, predicted "
+                     f"{row['predicted_accepted']:.0f})"
                      if "predicted_accepted" in row else "") for row in chosen]
     described = [m for m in result.get("methods", []) if "changed" in m]
     if described:

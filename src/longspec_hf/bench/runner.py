@@ -222,7 +222,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def calibration(group: list[dict]) -> dict:
-    """Under tree_shape="auto": accepted draft tokens predicted by its acceptance model vs accepted, over prompts."""
+    """Under tree_shape="auto": accepted tokens of the draft's trees predicted by its acceptance model vs accepted
+    (lookup-branch tokens apart), over prompts."""
     pairs = [r["predicted_accepted"] for r in group if "predicted_accepted" in r]
     if not pairs:
         return {}
