@@ -74,7 +74,7 @@ def test_evaluate_held_out_domains_on_the_toy(toy, tmp_path, capsys):
 
 def test_windows_are_distinct_and_need_one_context_of_text(toy):
     _, _, tokenizer = toy
-    stream = evaluation.token_stream(tokenizer, data.load_texts(["installed-prose"]), 64 * 8 * 2)
+    stream = evaluation.prompt_text(tokenizer, data.load_texts(["installed-prose"]), 64, 8)
     for context in (16, 64):
         prompts = evaluation.windows(stream, context, 8)
         assert len(prompts) == 8 and all(p.shape == (1, context) for p in prompts)
