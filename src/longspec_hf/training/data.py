@@ -12,6 +12,8 @@ Sources (one string each):
   project excluded; source files that mostly repeat standard-library lines, such as vendored stdlib backports, are
   dropped). Distributions in a seeded order of their sorted names, at most ``INSTALLED_PER_DISTRIBUTION`` characters
   each, ``INSTALLED_BUDGET`` in all: deterministic for a given set of installed packages;
+* ``pypi:<name>==<version>[,...]`` — the Python sources and documentation in the wheels of distributions that are
+  not installed (an installed one is refused: its text is held out): see `longspec_hf.training.pypi`;
 * ``generated:<source>`` — the target's own continuations of prompts cut from ``<source>``; only training reads it
   (it needs the target): see `longspec_hf.training.generated`;
 * anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``) — unless it looks
@@ -35,6 +37,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 INSTALLED_CORPORA = ("installed-code", "installed-prose")
 GENERATED_PREFIX = "generated:"
+PYPI_PREFIX = "pypi:"
 # "generated" only reaches `offline_corpus` to be refused with the fix: it needs the target, which text loading lacks.
 OFFLINE_CORPORA = ("python-stdlib", "python-docs", *INSTALLED_CORPORA, GENERATED_PREFIX.rstrip(":"))
 INSTALLED_BUDGET = 2_000_000  # characters: several 8k-token prompt windows for 8 prompts, spread over the packages
@@ -152,7 +155,11 @@ def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
     texts: list[str] = []
     for source in sources:
         corpus, _, split = source.partition(":")
-        if corpus in OFFLINE_CORPORA:
+        if source.startswith(PYPI_PREFIX):
+            from .pypi import pypi_texts
+
+            texts.extend(pypi_texts(source))
+        elif corpus in OFFLINE_CORPORA:
             texts.extend(offline_corpus(corpus, split or "train"))
         elif Path(source).expanduser().exists():
             texts.extend(local_texts(Path(source).expanduser(), text_column))

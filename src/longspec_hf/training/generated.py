@@ -269,8 +269,8 @@ def generate_data(target, tokenizer, source: str, out_path: str | Path, prompt_l
 def is_generated_file(source: str) -> bool:
     """Whether `source` is a file `generate_data` wrote (rather than text to cut prompts from)."""
     path = Path(source).expanduser()
-    if not (path.is_file() and path.suffix in (".jsonl", ".json", ".parquet")):
-        return False
+    if path.suffix not in (".jsonl", ".json", ".parquet") or not path.is_file():
+        return False  # the suffix first: a long `pypi:` list is no file name the OS would even look up
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -1,0 +1,123 @@
+"""Training text from the package index: the Python sources and documentation in the wheels of distributions that
+are *not* installed here.
+
+A data source ``pypi:<requirement>[,<requirement>...]`` (``pypi:django==5.2.19,sphinx==8.1.3``) reads, from each
+distribution's wheel, every ``.py`` file (code), and the long description of its METADATA (the README) and the
+``.md``/``.rst``/``.txt`` files (prose). Wheels are downloaded once with ``pip download`` (no dependencies, no
+install, no build) into ``<cache dir>/pypi/`` (``$LONGSPEC_HF_CACHE``, else ``$XDG_CACHE_HOME/longspec_hf``, else
+``~/.cache/longspec_hf``); a pinned requirement (``name==version``) whose wheel is there is read without the network.
+
+Why this source exists: the held-out corpora ``installed-code`` / ``installed-prose`` are the installed third-party
+distributions, so training must stay away from them; third-party code written by other people than CPython's
+authors is exactly what those corpora measure. A distribution that is installed is refused (its text is held out).
+License files are not read: a handful of standard license texts (MIT, BSD, Apache) recur, nearly word for word, in
+the held-out prose, so training on them would measure memorisation rather than drafting.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+from ..cost_model import cache_folder
+from .data import OWN_DISTRIBUTION, PYPI_PREFIX, distribution_key, installed_distributions
+
+CODE_SUFFIXES = (".py",)
+PROSE_SUFFIXES = (".md", ".rst", ".txt")
+LICENSE_NAME = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE|AUTHORS)[^/]*$", re.IGNORECASE)
+MAX_FILE_CHARS = 400_000  # generated tables and data modules are not text to continue (the held-out corpora's rule)
+
+
+def requirement_name(requirement: str) -> str:
+    """The distribution name of a requirement: `Django>=5,<6` -> `Django`."""
+    return re.split(r"[\s=<>!~\[;@(]", requirement.strip(), maxsplit=1)[0]
+
+
+def pinned_version(requirement: str) -> str | None:
+    match = re.fullmatch(r"\s*[A-Za-z0-9._-]+\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
+    return match.group(1) if match else None
+
+
+def wheel_folder() -> Path:
+    return cache_folder() / "pypi"
+
+
+def cached_wheel(folder: Path, name: str, version: str | None) -> Path | None:
+    """A wheel of `name` (and `version`, if given) already in `folder`: the newest by file time."""
+    found = []
+    for wheel in folder.glob("*.whl"):
+        parts = wheel.name.split("-")
+        if len(parts) >= 5 and distribution_key(parts[0]) == distribution_key(name) and version in (None, parts[1]):
+            found.append(wheel)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_pip(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+
+
+def download_wheel(requirement: str) -> Path:
+    """The wheel of `requirement` in the cache folder, downloaded by pip unless a pinned one is there."""
+    folder = wheel_folder()
+    name, version = requirement_name(requirement), pinned_version(requirement)
+    if version and (wheel := cached_wheel(folder, name, version)):
+        return wheel
+    folder.mkdir(parents=True, exist_ok=True)
+    done = run_pip(["download", "--no-deps", "--only-binary", ":all:", "--dest", str(folder), requirement])
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        raise ValueError(
+            f"pypi:{requirement}: pip could not download a wheel ({lines[-1].strip() if lines else 'no output'}). "
+            "Check the name and version (only distributions that publish wheels are read), or the network: the "
+            f"wheel is downloaded once into {folder}, then a pinned requirement (name==version) is read offline.")
+    saved = re.findall(r"(?:Saved|File was already downloaded)\s+(\S+\.whl)", done.stdout)
+    wheel = Path(saved[-1]) if saved else cached_wheel(folder, name, version)
+    if wheel is None or not wheel.is_file():
+        raise ValueError(f"pypi:{requirement}: pip reported no wheel in {folder}; pin a version that has one.")
+    return wheel if wheel.is_absolute() else folder / wheel.name
+
+
+def wheel_texts(wheel: Path) -> tuple[list[str], list[str]]:
+    """(code, prose) of one wheel: its `.py` files in path order; its description and documentation files."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{wheel} is not a readable wheel (a partial download?); delete it and run again.") from None
+    with archive:
+        names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+
+        def read(member: str) -> str:
+            return archive.read(member).decode("utf-8", errors="ignore")
+
+        code = [read(n) for n in names if n.endswith(CODE_SUFFIXES)]
+        prose = [read(n) for n in names if n.endswith(PROSE_SUFFIXES) and ".dist-info/" not in n
+                 and not LICENSE_NAME.search(n)]
+        metadata = [n for n in names if n.endswith(".dist-info/METADATA")]
+        if metadata:
+            message = Parser().parsestr(read(metadata[0]))
+            prose.insert(0, message.get_payload() or message.get("Description") or "")
+    keep = [t for t in code if t.strip() and len(t) <= MAX_FILE_CHARS]
+    return keep, [t for t in prose if t.strip() and len(t) <= MAX_FILE_CHARS]
+
+
+def pypi_texts(source: str) -> list[str]:
+    """Documents of a ``pypi:`` source: per distribution, its code then its prose."""
+    requirements = [r.strip() for r in source[len(PYPI_PREFIX):].split(",") if r.strip()]
+    if not requirements:
+        raise ValueError(f"{source} names no distribution; write pypi:<name>==<version>[,<name>==<version>...].")
+    installed = {distribution_key(d.metadata["Name"]) for d in installed_distributions()} | {OWN_DISTRIBUTION}
+    texts: list[str] = []
+    for requirement in requirements:
+        name = requirement_name(requirement)
+        if distribution_key(name) in installed:
+            raise ValueError(
+                f"pypi:{requirement}: {name} is installed here, so its sources are held-out evaluation text "
+                "(installed-code / installed-prose) and must not be trained on; choose a distribution that is not "
+                "installed.")
+        code, prose = wheel_texts(download_wheel(requirement))
+        texts.extend(code + prose)
+    return texts
