@@ -212,10 +212,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
         if typing.get_origin(base) is list:
             item = typing.get_args(base)[0]
-            parser.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS)
+            parser.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, help=f.metadata.get("help"))
         else:
             default = None if required else (f.default if f.default is not MISSING else None)
-            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, help=f"(default: {default})")
+            about = f.metadata.get("help")
+            parser.add_argument(flag, type=base, default=argparse.SUPPRESS,
+                                help=f"{about} (default: {default})" if about else f"(default: {default})")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -66,3 +66,10 @@ def test_train_flags_are_the_train_config_fields():
     sub = longspec_hf_cli.build_parser("train")._subparsers._group_actions[0].choices["train"]
     flags = {a.dest for a in sub._actions} - {"help", "recipe", "run"}
     assert flags == {f.name for f in fields(TrainConfig)}
+
+
+def test_train_data_help_names_every_kind_of_source():
+    sub = longspec_hf_cli.build_parser("train")._subparsers._group_actions[0].choices["train"]
+    text = next(a.help for a in sub._actions if a.dest == "data")
+    for kind in ("datasets", "python-stdlib:train", "python-docs:train", "pypi:", "generated:"):
+        assert kind in text

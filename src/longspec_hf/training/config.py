@@ -14,7 +14,10 @@ class TrainConfig:
     """Everything a training run needs; `longspec train` maps its flags one to one onto these fields."""
 
     target: str
-    data: list[str]
+    data: list[str] = field(metadata={"help": (
+        "text sources: files or folders (.txt .md .rst .py .jsonl), datasets ids (id[:config][@split]), "
+        "python-stdlib:train, python-docs:train, pypi:NAME==VERSION[,...] (wheels of distributions that are not "
+        "installed), generated:SOURCE[?options] (the target's own continuations)")})
     output_dir: str
     gguf_file: str | None = None
     tokenizer: str | None = None
