@@ -135,9 +135,9 @@ def update_card(folder: Path, history: list[dict], setting: str) -> None:
     how = f"({setting})"
     if len(protocols) > 1:  # entries measured another way say how, by run number
         labels = run_labels(history)
-        how = "; ".join(f"protocol {k + 1}, runs "
-                        f"{', '.join(labels[i] for i, h in enumerate(history) if h.get('measured', setting) == p)}: {p}"
-                        for k, p in enumerate(protocols))
+        members = [[labels[i] for i, h in enumerate(history) if h.get("measured", setting) == p] for p in protocols]
+        how = "; ".join(f"protocol {k + 1}, {'runs' if len(runs) > 1 else 'run'} {', '.join(runs)}: {p}"
+                        for k, (runs, p) in enumerate(zip(members, protocols, strict=True)))
         how = f"(each run against the draft kept before it, measured as listed; {how})"
     section = (f"{SECTION}\n\nEach run continued from the draft kept before it; a run is kept only if its held-out "
                f"tau is higher {how}. Written by `longspec promote`.\n\n{history_table(history)}\n\n"
