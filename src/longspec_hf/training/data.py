@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .pypi import distribution_key, pypi_texts
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 INSTALLED_CORPORA = ("installed-code", "installed-prose")
@@ -156,9 +158,8 @@ def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
     for source in sources:
         corpus, _, split = source.partition(":")
         if source.startswith(PYPI_PREFIX):
-            from .pypi import pypi_texts
-
-            texts.extend(pypi_texts(source))
+            installed = {distribution_key(d.metadata["Name"]) for d in installed_distributions()}
+            texts.extend(pypi_texts(source, installed | {OWN_DISTRIBUTION}))
         elif corpus in OFFLINE_CORPORA:
             texts.extend(offline_corpus(corpus, split or "train"))
         elif Path(source).expanduser().exists():
@@ -185,11 +186,6 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.LongTensor:
     if n == 0:
         raise ValueError(f"The data has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}.")
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
-
-
-def distribution_key(name: str) -> str:
-    """The normalised name of a distribution (PEP 503): `Typing_Extensions` -> `typing-extensions`."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def installed_distributions(seed: int = 0) -> list:

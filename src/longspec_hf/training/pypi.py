@@ -24,12 +24,16 @@ from email.parser import Parser
 from pathlib import Path
 
 from ..cost_model import cache_folder
-from .data import OWN_DISTRIBUTION, PYPI_PREFIX, distribution_key, installed_distributions
 
 CODE_SUFFIXES = (".py",)
 PROSE_SUFFIXES = (".md", ".rst", ".txt")
 LICENSE_NAME = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE|AUTHORS)[^/]*$", re.IGNORECASE)
 MAX_FILE_CHARS = 400_000  # generated tables and data modules are not text to continue (the held-out corpora's rule)
+
+
+def distribution_key(name: str) -> str:
+    """The normalised name of a distribution (PEP 503): `Typing_Extensions` -> `typing-extensions`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def requirement_name(requirement: str) -> str:
@@ -104,12 +108,12 @@ def wheel_texts(wheel: Path) -> tuple[list[str], list[str]]:
     return keep, [t for t in prose if t.strip() and len(t) <= MAX_FILE_CHARS]
 
 
-def pypi_texts(source: str) -> list[str]:
-    """Documents of a ``pypi:`` source: per distribution, its code then its prose."""
-    requirements = [r.strip() for r in source[len(PYPI_PREFIX):].split(",") if r.strip()]
+def pypi_texts(source: str, installed: set[str]) -> list[str]:
+    """Documents of a ``pypi:`` source: per distribution, its code then its prose. `installed`: the normalised names
+    of the installed distributions (refused)."""
+    requirements = [r.strip() for r in source.partition(":")[2].split(",") if r.strip()]
     if not requirements:
         raise ValueError(f"{source} names no distribution; write pypi:<name>==<version>[,<name>==<version>...].")
-    installed = {distribution_key(d.metadata["Name"]) for d in installed_distributions()} | {OWN_DISTRIBUTION}
     texts: list[str] = []
     for requirement in requirements:
         name = requirement_name(requirement)
