@@ -53,6 +53,8 @@ def test_per_unit_cancels_what_every_call_pays_once():
     # A loop that reports no parts; a long call with no more rounds than the short one (falls back to one call).
     assert per_unit({**short, "timings": {}}, {**long, "timings": {}})["parts"] is None
     assert per_unit(long, {**long, "seconds": 5.0})["seconds"] == pytest.approx(0.5)
+    # Noise above the rounds' time (the short call took longer): the long call alone, never a negative round.
+    assert per_unit({**short, "seconds": 7.0}, long)["seconds"] == pytest.approx(0.6)
 
 
 def test_short_call_outlasts_the_deepest_tree():

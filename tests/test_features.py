@@ -159,7 +159,6 @@ def test_card_says_how_each_run_was_measured_when_the_protocol_changed(tmp_path)
     three = record(history, {**run, "tokens": 20}, rows, True, "teacher-forced, 16 prompts")  # another run
     update_card(tmp_path, three, "teacher-forced, 16 prompts")
     assert "protocol 2, runs 0 (again), 1: teacher-forced" in (tmp_path / "README.md").read_text()
-    update_card(tmp_path, history, "teacher-forced, 16 prompts")
     assert "| 0 (again) |" in card and card.rstrip().splitlines()[-3].endswith("| 1.50 | 1.75 |")
     update_card(tmp_path, history[:1], "decoded, 4 prompts")
     assert "tau is higher (decoded, 4 prompts)" in (tmp_path / "README.md").read_text()

@@ -91,7 +91,9 @@ def per_unit(short: dict, long: dict) -> dict:
     """Seconds per round (step) and per part, from a short and a long call: their difference cancels what every call
     pays once."""
     units = long["units"] - short["units"]
-    if units <= 0:  # the long call needed no more rounds (a draft accepting everything): fall back to one call
+    # Fall back to the long call alone (an upper bound: it includes what every call pays once) when the difference
+    # says nothing: no more rounds (a draft accepting everything), or no more time (noise above a tiny model's rounds).
+    if units <= 0 or long["seconds"] <= short["seconds"]:
         short, units = {"seconds": 0.0, "units": 0, "timings": {}}, long["units"]
     seconds = (long["seconds"] - short["seconds"]) / units
     parts = {name: (long["timings"][name] - short["timings"].get(name, 0.0)) / units for name in long["timings"]}

@@ -104,8 +104,11 @@ def wheel_texts(wheel: Path) -> tuple[list[str], list[str]]:
         if metadata:
             message = Parser().parsestr(read(metadata[0]))
             prose.insert(0, message.get_payload() or message.get("Description") or "")
-    keep = [t for t in code if t.strip() and len(t) <= MAX_FILE_CHARS]
-    return keep, [t for t in prose if t.strip() and len(t) <= MAX_FILE_CHARS]
+    return kept(code), kept(prose)
+
+
+def kept(texts: list[str]) -> list[str]:
+    return [t for t in texts if t.strip() and len(t) <= MAX_FILE_CHARS]
 
 
 def pypi_texts(source: str, installed: set[str]) -> list[str]:
