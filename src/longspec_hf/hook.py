@@ -13,7 +13,7 @@ candidate generators, which verifies chains only, at batch size 1. The hook wrap
 
 For any other assistant, or none, both wrappers call the original methods unchanged, so plain ``generate()`` and
 transformers' own assisted decoding behave exactly as before. The hook is version-guarded: it installs only when
-both methods still take the arguments relied on here (checked by signature; tested with transformers 5.23);
+both methods still take the arguments relied on here (checked by signature; tested with transformers 5.23 to 5.25);
 otherwise importing ``longspec_hf`` warns and leaves transformers untouched.
 """
 
