@@ -11,7 +11,8 @@ from test_training import config, workspace  # noqa: F401 - the module's fixture
 
 from longspec_hf import LongSpecDraftModel
 from longspec_hf.training import train
-from longspec_hf.training.features import FeatureStore, capture_features
+from longspec_hf.training.features import FeatureStore, StoreUnion, capture_features
+from longspec_hf.training.history import run_summary
 from longspec_hf.training.objective import draft_loss, feature_loss, token_weights
 from longspec_hf.vocabulary import ranked_vocabulary
 
@@ -172,3 +173,58 @@ def test_run_labels_number_runs_and_name_a_run_promoted_again_by_its_first_numbe
 
     history = [entry(0, 0), entry(10, 5), entry(20, 5), entry(20, 5), entry(30, 5)]
     assert run_labels(history) == ["0", "1", "2", "2 (again)", "3"]
+
+
+def test_a_union_of_stores_reads_each_row_from_its_own_store(tmp_path):
+    target = tiny_target("llama")
+    ids = torch.cat([random_prompt(16, seed=s) for s in range(5)])  # [5, 16]
+    positions = torch.arange(16).repeat(5, 1)
+    first = capture_features(target, ids[:2], positions[:2], None, tmp_path / "a", {"a": 1}, "a", top_k=4,
+                             rows_per_shard=1, progress=False)
+    second = capture_features(target, ids[2:], positions[2:], None, tmp_path / "b", {"b": 1}, "b", top_k=4,
+                              rows_per_shard=2, progress=False)
+    union = StoreUnion([first, second])
+    assert len(union) == 5
+    rows = union.rows([4, 0, 2, 1])
+    assert torch.equal(rows["input_ids"].long(), ids[[4, 0, 2, 1]])
+    for name, tensor in second.rows([2, 0]).items():
+        assert torch.equal(union.rows([4, 2])[name], tensor)
+    assert torch.equal(union.top1_counts(96), first.top1_counts(96) + second.top1_counts(96))
+    with pytest.raises(IndexError):
+        union.rows([5])
+
+
+def test_training_alongside_an_earlier_store_reads_both(workspace, tmp_path):  # noqa: F811
+    earlier, own = tmp_path / "earlier", tmp_path / "own"
+    train(config(workspace, tmp_path / "a", features=str(earlier), max_steps=1), progress=False)
+    words = (workspace / "corpus.txt").read_text().split()
+    (tmp_path / "other.txt").write_text(" ".join(reversed(words[:1500])))
+    other = config(workspace, tmp_path / "b", data=[str(tmp_path / "other.txt")], features=str(own),
+                   extra_features=[str(earlier)], max_steps=6, draft_vocab_size=48)
+    draft = train(other, progress=False)
+    counts = FeatureStore(own).top1_counts(96) + FeatureStore(earlier).top1_counts(96)
+    assert len(FeatureStore(own)) < len(FeatureStore(earlier))  # the union's ranking is not the own store's alone
+    assert torch.equal(draft.draft_vocab, ranked_vocabulary(counts, 48, [2]))
+    assert json.loads((tmp_path / "b" / "training_args.json").read_text())["extra_features"] == [str(earlier)]
+    assert run_summary(tmp_path / "b")["settings"]["extra_features"] == ["earlier"]
+
+
+def test_an_earlier_store_that_cannot_train_alongside_is_refused(workspace, tmp_path):  # noqa: F811
+    earlier = tmp_path / "earlier"
+    train(config(workspace, tmp_path / "a", features=str(earlier), max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="--seq-len 64 .this run: 32."):
+        train(config(workspace, tmp_path / "b", features=str(tmp_path / "short"), seq_len=32,
+                      extra_features=[str(earlier)], max_steps=1), progress=False)
+    assert not (tmp_path / "short").exists()  # refused before its own capture
+    with pytest.raises(ValueError, match="--capture-dtype bf16 .this run: fp32."):
+        train(config(workspace, tmp_path / "c", features=str(tmp_path / "fp32"), capture_dtype="fp32",
+                      extra_features=[str(earlier)], max_steps=1), progress=False)
+    manifest = json.loads((earlier / "manifest.json").read_text())
+    (earlier / "manifest.json").write_text(json.dumps({**manifest, "key": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="another target"):
+        train(config(workspace, tmp_path / "d", features=str(tmp_path / "own"), extra_features=[str(earlier)],
+                      max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="once"):
+        train(config(workspace, tmp_path / "e", features=str(earlier), extra_features=[str(earlier)]), progress=False)
+    with pytest.raises(ValueError, match="pass --features"):
+        train(config(workspace, tmp_path / "f", extra_features=[str(earlier)]), progress=False)

@@ -16,10 +16,14 @@ A store is a folder::
 
 Shards are written whole (to a temporary name, then renamed), so an interrupted capture resumes at the first
 missing shard; a manifest made for another target or other settings is refused rather than mixed in.
+
+A run can also read stores captured by earlier runs (:class:`StoreUnion`, ``--extra-features``): a later run on new
+text then rehearses the earlier runs' text for the cost of reading it, instead of forgetting it or capturing it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -46,6 +50,11 @@ def capture_rows(target, input_ids: torch.LongTensor, position_ids: torch.LongTe
     top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, k]
     return {"key": key.to(dtype).cpu(), "value": value.to(dtype).cpu(),
             "top_ids": top.indices.int().cpu(), "top_logprobs": top.values.to(dtype).cpu()}
+
+
+def store_key(fingerprint: str, settings: dict) -> str:
+    """The identity of a capture: the target's weights fingerprint and the capture's settings (JSON)."""
+    return hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_manifest(folder: Path, manifest: dict) -> None:
@@ -131,3 +140,50 @@ class FeatureStore:
             scored = handle.get_tensor("loss_mask").bool()
             counts += torch.bincount(top1[scored], minlength=vocab_size)
         return counts
+
+
+class StoreUnion:
+    """Several stores read as one: the rows of the first, then those of the second, and so on. The stores must hold
+    rows of one shape (same sequence length and top-k, same target): :func:`check_compatible`."""
+
+    def __init__(self, stores: list[FeatureStore]):
+        self.stores = stores
+        self.starts = [0]
+        for store in stores:
+            self.starts.append(self.starts[-1] + len(store))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """`(store, row)` of the union's row `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"Row {index} of a union of {len(self)} rows.")
+        store = max(i for i, start in enumerate(self.starts[:-1]) if start <= index)
+        return store, index - self.starts[store]
+
+    def rows(self, indices) -> dict[str, torch.Tensor]:
+        picked = [self.stores[s].rows([row]) for s, row in map(self.locate, map(int, indices))]
+        return {name: torch.cat([p[name] for p in picked]) for name in picked[0]}
+
+    def top1_counts(self, vocab_size: int) -> torch.Tensor:
+        return sum(store.top1_counts(vocab_size) for store in self.stores)
+
+
+def check_compatible(store: FeatureStore, seq_len: int, top_k: int, capture_dtype: str, fingerprint: str) -> None:
+    """Refuse an earlier store that cannot train alongside this run's: other row shapes, another capture precision, or
+    another target (`fingerprint`: :func:`~longspec_hf.training.generated.weights_fingerprint` of the target loaded in
+    `capture_dtype`, which together with the store's settings must give the store's key)."""
+    found = store.manifest
+    settings = found.get("settings", {})
+    mismatched = {name: (found.get(name), wanted) for name, wanted in (("seq_len", seq_len), ("top_k", top_k))
+                  if found.get(name) != wanted}
+    if settings.get("capture_dtype") != capture_dtype:
+        mismatched["capture_dtype"] = (settings.get("capture_dtype"), capture_dtype)
+    if mismatched:
+        fixes = ", ".join(f"--{k.replace('_', '-')} {v[0]} (this run: {v[1]})" for k, v in mismatched.items())
+        raise ValueError(f"The feature store {store.folder} was captured with other settings; train alongside it with "
+                         f"{fixes}, or leave it out of --extra-features.")
+    if store_key(fingerprint, settings) != found.get("key"):
+        raise ValueError(f"The feature store {store.folder} was captured from another target (or other weights of "
+                         "it); leave it out of --extra-features.")

@@ -19,8 +19,8 @@ HISTORY = "training_history.json"
 PLOT = "tau_vs_tokens.png"
 SECTION = "## Training history"
 # What identifies a run's data and recipe in the history (the rest of training_args.json is in the run's folder).
-RECORDED = ("data", "features", "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "dtype", "draft_vocab_size",
-            "prompt_weight", "loss", "lag_min", "lag_max")
+RECORDED = ("data", "features", "extra_features", "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "dtype",
+            "draft_vocab_size", "prompt_weight", "loss", "lag_min", "lag_max")
 
 
 def read_history(folder: str | Path) -> list[dict]:
@@ -41,6 +41,8 @@ def run_summary(run: str | Path) -> dict:
     settings = {k: args.get(k) for k in RECORDED}
     if settings.get("features"):  # the store's folder name: where it sat on the training machine says nothing
         settings["features"] = Path(settings["features"]).name
+    if settings.get("extra_features"):
+        settings["extra_features"] = [Path(folder).name for folder in settings["extra_features"]]
     return {"tokens": last["tokens"], "seconds": round(last["seconds"]), "steps": last["step"], "settings": settings}
 
 

@@ -8,7 +8,6 @@ the anchor-offset positions are drawn from generators seeded by the step, so a r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -45,14 +44,22 @@ def sequence_positions(config: TrainConfig, count: int, max_positions: int) -> t
 
 def prepare_features(config: TrainConfig, accelerator, progress: bool):
     """The run's feature store: captured from `config.data` with the target in `capture_dtype` (by the main process,
-    resuming a partial capture), then opened by every process."""
-    from .features import FeatureStore, capture_features
+    resuming a partial capture), checked against the earlier stores of `config.extra_features`, then opened by every
+    process (with the earlier stores, as one :class:`~.features.StoreUnion`)."""
+    from .features import FeatureStore, StoreUnion, capture_features, check_compatible, store_key
     from .generated import weights_fingerprint
 
+    extras = [Path(folder) for folder in config.extra_features]
+    if len({p.resolve() for p in [Path(config.features), *extras]}) != 1 + len(extras):
+        raise ValueError("--extra-features names the run's own --features folder, or one folder twice; name each "
+                         "earlier store once.")
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             target, tokenizer = load_target(config, config.capture_dtype)
             target.to(accelerator.device)
+            fingerprint = weights_fingerprint(target)
+            for folder in extras:  # before the capture: a refusal should not cost one
+                check_compatible(FeatureStore(folder), config.seq_len, config.top_k, config.capture_dtype, fingerprint)
             data, loss_mask = training_sequences(config.data, target, tokenizer, config.seq_len, config.text_column,
                                                  progress, config.max_sequences, config.seed)  # [N, L], [N, L]
             max_positions = target.config.get_text_config(decoder=True).max_position_embeddings
@@ -60,12 +67,12 @@ def prepare_features(config: TrainConfig, accelerator, progress: bool):
                         "max_sequences": config.max_sequences,
                         "capture_dtype": config.capture_dtype, "seed": config.seed, "max_anchor": config.max_anchor,
                         "long_threshold": config.long_threshold, "text_column": config.text_column}
-            key = hashlib.sha256(json.dumps([weights_fingerprint(target), settings], sort_keys=True).encode())
             capture_features(target, data, sequence_positions(config, len(data), max_positions), loss_mask,
-                             config.features, settings, key.hexdigest()[:16], config.top_k,
+                             config.features, settings, store_key(fingerprint, settings), config.top_k,
                              batch_size=config.batch_size, progress=progress)
             del target
-        return FeatureStore(config.features)
+        store = FeatureStore(config.features)
+        return StoreUnion([store, *map(FeatureStore, extras)]) if extras else store
 
 
 def apply_draft_vocabulary(draft: LongSpecDraftModel, config: TrainConfig, store, target, data) -> None:
@@ -131,6 +138,8 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
     if config.seq_len < config.lag_max + 2:
         raise ValueError(f"--seq-len {config.seq_len} is shorter than the lag ({config.lag_max}) + 2; use longer "
                          "sequences or a smaller --lag-max.")
+    if config.extra_features and not config.features:
+        raise ValueError("--extra-features adds earlier feature stores to this run's own: pass --features DIR too.")
     out = prepare_output_dir(config)
     # Without an accelerator device, processes started by `accelerate launch` / torchrun train on the CPU with gloo
     # (accelerate only forms a CPU process group when told it runs on the CPU).
