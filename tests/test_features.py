@@ -220,6 +220,11 @@ def test_an_earlier_store_that_cannot_train_alongside_is_refused(workspace, tmp_
         train(config(workspace, tmp_path / "c", features=str(tmp_path / "fp32"), capture_dtype="fp32",
                       extra_features=[str(earlier)], max_steps=1), progress=False)
     manifest = json.loads((earlier / "manifest.json").read_text())
+    old_rule = {**manifest, "settings": {k: v for k, v in manifest["settings"].items() if k != "data_version"}}
+    (earlier / "manifest.json").write_text(json.dumps(old_rule))
+    with pytest.raises(ValueError, match="older rule .* capture it again"):
+        train(config(workspace, tmp_path / "g", features=str(tmp_path / "own"), extra_features=[str(earlier)],
+                      max_steps=1), progress=False)
     (earlier / "manifest.json").write_text(json.dumps({**manifest, "key": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="another target"):
         train(config(workspace, tmp_path / "d", features=str(tmp_path / "own"), extra_features=[str(earlier)],

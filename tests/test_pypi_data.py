@@ -7,7 +7,7 @@ import zipfile
 import pytest
 
 from longspec_hf.training import pypi
-from longspec_hf.training.data import load_texts
+from longspec_hf.training.data import load_texts, long_lines, offline_corpus
 
 CODE = "def greet(name):\n    return f'hello {name}'\n"
 README = "# fakepkg\n\nA package that greets people, with a long description.\n"
@@ -61,6 +61,18 @@ def test_several_distributions_in_one_source_come_in_order(cache, monkeypatch):
     monkeypatch.setattr(pypi, "run_pip", lambda args: pytest.fail("pip ran"))
     texts = load_texts(["pypi:otherpkg==3.1, fakepkg==1.0"])
     assert len(texts) == 6 and texts[1].startswith("# fakepkg")  # otherpkg's README text names fakepkg too
+
+
+def test_a_vendored_copy_of_a_standard_library_file_is_left_out(cache, monkeypatch):
+    """A wheel can ship a copy of a held-out stdlib module (eventlet's green/http/server.py is http/server.py):
+    training on it would turn the held-out stdlib score into memorisation."""
+    held_out = next(t for t in offline_corpus("python-stdlib", "heldout") if len(long_lines(t)) > 50)
+    wheel = write_wheel(cache)
+    with zipfile.ZipFile(wheel, "a") as archive:
+        archive.writestr("fakepkg/green/vendored.py", held_out)
+    monkeypatch.setattr(pypi, "run_pip", lambda args: pytest.fail("pip ran"))
+    assert held_out in pypi.wheel_texts(wheel)[0]
+    assert load_texts(["pypi:fakepkg==1.0"]) == [CODE, README, GUIDE]
 
 
 def test_an_installed_distribution_is_refused_as_held_out_text(cache):

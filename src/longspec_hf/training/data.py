@@ -13,7 +13,9 @@ Sources (one string each):
   dropped). Distributions in a seeded order of their sorted names, at most ``INSTALLED_PER_DISTRIBUTION`` characters
   each, ``INSTALLED_BUDGET`` in all: deterministic for a given set of installed packages;
 * ``pypi:<name>==<version>[,...]`` — the Python sources and documentation in the wheels of distributions that are
-  not installed (an installed one is refused: its text is held out): see `longspec_hf.training.pypi`;
+  not installed (an installed one is refused: its text is held out), minus the files that mostly repeat
+  standard-library lines (a wheel can vendor a copy of a held-out stdlib module, e.g. eventlet's
+  ``green/http/server.py``): see `longspec_hf.training.pypi`;
 * ``generated:<source>`` — the target's own continuations of prompts cut from ``<source>``; only training reads it
   (it needs the target): see `longspec_hf.training.generated`;
 * anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``) — unless it looks
@@ -45,6 +47,10 @@ OFFLINE_CORPORA = ("python-stdlib", "python-docs", *INSTALLED_CORPORA, GENERATED
 INSTALLED_BUDGET = 2_000_000  # characters: several 8k-token prompt windows for 8 prompts, spread over the packages
 INSTALLED_PER_DISTRIBUTION = 40_000  # so one big package (torch) cannot fill the corpus
 OWN_DISTRIBUTION = "longspec-hf"
+# What the sources yield, as a number that caches built from them record (the target's continuations, feature
+# stores): raised whenever a rule changes which text a source gives, so text cut by the old rule is not reused.
+# 2: pypi files that mostly repeat standard-library lines are left out.
+DATA_VERSION = 2
 # Suffixes of data files (dataset ids do not end in them), so `corpus.txt` is a missing file, not a Hub id.
 FILE_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".csv", ".parquet", ".gz", ".zst"}
 
@@ -159,7 +165,7 @@ def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
         corpus, _, split = source.partition(":")
         if source.startswith(PYPI_PREFIX):
             installed = {distribution_key(d.metadata["Name"]) for d in installed_distributions()}
-            texts.extend(pypi_texts(source, installed | {OWN_DISTRIBUTION}))
+            texts.extend(t for t in pypi_texts(source, installed | {OWN_DISTRIBUTION}) if not repeats_stdlib(t))
         elif corpus in OFFLINE_CORPORA:
             texts.extend(offline_corpus(corpus, split or "train"))
         elif Path(source).expanduser().exists():

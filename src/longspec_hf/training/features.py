@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .data import DATA_VERSION
 from .objective import target_pass
 
 MANIFEST = "manifest.json"
@@ -184,6 +185,11 @@ def check_compatible(store: FeatureStore, seq_len: int, top_k: int, capture_dtyp
         fixes = ", ".join(f"--{k.replace('_', '-')} {v[0]} (this run: {v[1]})" for k, v in mismatched.items())
         raise ValueError(f"The feature store {store.folder} was captured with other settings; train alongside it with "
                          f"{fixes}, or leave it out of --extra-features.")
+    version = settings.get("data_version", 1)
+    if version != DATA_VERSION:
+        raise ValueError(f"The feature store {store.folder} holds text cut by an older rule of the data sources (data "
+                         f"version {version}, now {DATA_VERSION}: see longspec_hf.training.data); capture it again "
+                         "with this version, or leave it out of --extra-features.")
     if store_key(fingerprint, settings) != found.get("key"):
         raise ValueError(f"The feature store {store.folder} was captured from another target (or other weights of "
                          "it); leave it out of --extra-features.")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..compat import cache_kwarg
 from ..cost_model import cache_folder
-from .data import GENERATED_PREFIX, load_texts, pack
+from .data import DATA_VERSION, GENERATED_PREFIX, load_texts, pack
 
 GENERATED_COLUMNS = ("prompt_ids", "continuation_ids")
 LOSS_SCOPES = ("continuation", "all")
@@ -117,7 +117,8 @@ def generation_key(target, tokenizer, source: str, prompt_len: int, new_tokens: 
     settings = dict(target=getattr(target.config, "_name_or_path", ""), weights=weights_fingerprint(target),
                     tokenizer=[getattr(tokenizer, "name_or_path", ""), len(tokenizer)], source=source,
                     prompt_len=prompt_len, new_tokens=new_tokens, count=count, temperatures=list(temperatures),
-                    seed=seed, text_column=text_column, eos=eos_ids(target), format=1)
+                    seed=seed, text_column=text_column, eos=eos_ids(target), format=1,
+                    data_version=DATA_VERSION)
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

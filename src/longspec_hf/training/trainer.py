@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..modeling import TARGET_ALIASES, LongSpecDraftModel
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
 from .config import TrainConfig
+from .data import DATA_VERSION
 from .generated import training_sequences
 from .objective import draft_loss, feature_loss
 from .positions import anchor_offset_positions
@@ -66,7 +67,8 @@ def prepare_features(config: TrainConfig, accelerator, progress: bool):
             settings = {"data": config.data, "seq_len": config.seq_len, "top_k": config.top_k,
                         "max_sequences": config.max_sequences,
                         "capture_dtype": config.capture_dtype, "seed": config.seed, "max_anchor": config.max_anchor,
-                        "long_threshold": config.long_threshold, "text_column": config.text_column}
+                        "long_threshold": config.long_threshold, "text_column": config.text_column,
+                        "data_version": DATA_VERSION}
             capture_features(target, data, sequence_positions(config, len(data), max_positions), loss_mask,
                              config.features, settings, store_key(fingerprint, settings), config.top_k,
                              batch_size=config.batch_size, progress=progress)
