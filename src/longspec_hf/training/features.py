@@ -23,6 +23,7 @@ text then rehearses the earlier runs' text for the cost of reading it, instead o
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from pathlib import Path
@@ -160,7 +161,7 @@ class StoreUnion:
         """`(store, row)` of the union's row `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"Row {index} of a union of {len(self)} rows.")
-        store = max(i for i, start in enumerate(self.starts[:-1]) if start <= index)
+        store = bisect.bisect_right(self.starts, index) - 1
         return store, index - self.starts[store]
 
     def rows(self, indices) -> dict[str, torch.Tensor]:
