@@ -317,6 +317,8 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tree the drafts are measured with (draft alone, no prompt-lookup branch)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per domain and context")
+    parser.add_argument("--keep-on", nargs="+", default=None, metavar="NAME",
+                        help="domains whose mean tau decides (the others are measured and recorded); default: all")
 
 
 # name -> (one-line help, options builder, "module:function" that runs it, show defaults in --help)

@@ -233,3 +233,26 @@ def test_an_earlier_store_that_cannot_train_alongside_is_refused(workspace, tmp_
         train(config(workspace, tmp_path / "e", features=str(earlier), extra_features=[str(earlier)]), progress=False)
     with pytest.raises(ValueError, match="pass --features"):
         train(config(workspace, tmp_path / "f", extra_features=[str(earlier)]), progress=False)
+
+
+def test_keep_on_lets_only_the_named_domains_decide():
+    from longspec_hf.training.history import history_table, is_better, record
+
+    def rows(code, stdlib):
+        return [{"domain": "code", "context": 2048, "tau": code}, {"domain": "stdlib", "context": 2048, "tau": stdlib}]
+
+    old, new = rows(1.87, 1.92), rows(1.85, 2.12)  # higher mean, but only on the cell nobody set a goal on
+    assert is_better(new, old)
+    assert not is_better(new, old, ["code"])
+    assert is_better(old, new, ["code"]) and is_better(new, [], ["code"])
+    entry = record([], {"tokens": 8, "seconds": 1, "steps": 1, "settings": {}}, new, False, keep_on=["code"])[-1]
+    assert entry["decided_on"] == ["code"] and entry["tau"] == {"code@2048": 1.85, "stdlib@2048": 2.12}
+    assert "| no (on code) |" in history_table([entry])
+
+
+def test_promote_refuses_a_keep_on_domain_it_does_not_measure_before_loading_anything(tmp_path):
+    import longspec_hf_cli
+
+    with pytest.raises(SystemExit, match=r"--keep-on names \['prose'\], which no --domain defines"):
+        longspec_hf_cli.main(["promote", "--target", str(tmp_path / "no-such-target"), "--candidate", str(tmp_path),
+                              "--draft", str(tmp_path), "--domain", "code=installed-code", "--keep-on", "prose"])

@@ -55,10 +55,31 @@ def mean_tau(rows: list[dict]) -> float:
     return sum(taus) / len(taus)
 
 
+def deciding_rows(rows: list[dict], keep_on: list[str] | None) -> list[dict]:
+    """The cells that decide a promotion: those of the `keep_on` domains, or every cell."""
+    return rows if not keep_on else [r for r in rows if r["domain"] in keep_on]
+
+
+def check_keep_on(keep_on: list[str] | None, domains: dict) -> None:
+    """Refuse a deciding domain that is not measured, before anything is: a typo must not cost a measurement."""
+    unknown = sorted(set(keep_on or ()) - set(domains))
+    if unknown:
+        raise ValueError(f"--keep-on names {unknown}, which no --domain defines (domains: {sorted(domains)}); "
+                         "pass names given to --domain NAME=SOURCE")
+
+
+def is_better(new_rows: list[dict], old_rows: list[dict], keep_on: list[str] | None = None) -> bool:
+    """Whether the candidate's mean tau over the deciding cells beats the kept draft's (no kept draft: it does)."""
+    if not old_rows:
+        return True
+    return mean_tau(deciding_rows(new_rows, keep_on)) > mean_tau(deciding_rows(old_rows, keep_on))
+
+
 def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, measured: str | None = None,
-           baseline_rows: list[dict] | None = None) -> list[dict]:
+           baseline_rows: list[dict] | None = None, keep_on: list[str] | None = None) -> list[dict]:
     """`history` with the run appended; `measured` says how its tau was measured (the protocol can change between
-    runs: each entry keeps its own), `baseline_rows` the kept draft's tau on the same prompts."""
+    runs: each entry keeps its own), `baseline_rows` the kept draft's tau on the same prompts, `keep_on` the
+    domains that decided (all, if None)."""
     before = sum(h["run"]["tokens"] for h in history if h["kept"])
     entry = {"date": datetime.date.today().isoformat(), "run": run, "kept": kept,
              "cumulative_tokens": before + run["tokens"],
@@ -67,6 +88,8 @@ def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, mea
         entry["measured"] = measured
     if baseline_rows:
         entry["kept_draft_mean_tau"] = round(mean_tau(baseline_rows), 3)
+    if keep_on:
+        entry["decided_on"] = list(keep_on)
     return [*history, entry]
 
 
@@ -97,8 +120,9 @@ def history_table(history: list[dict]) -> str:
         taus = " | ".join(f"{h['tau'][c]:.2f}" if c in h["tau"] else "" for c in cells)
         label = labels[i]
         baseline = h.get("kept_draft_mean_tau")
+        kept = ("yes" if h["kept"] else "no") + (f" (on {', '.join(h['decided_on'])})" if h.get("decided_on") else "")
         lines.append(f"| {label} | {h['date']} | {h['run']['tokens']:,} | {h['cumulative_tokens']:,} | {time_text} | "
-                     f"{'yes' if h['kept'] else 'no'} | {taus} | {'' if baseline is None else f'{baseline:.2f}'} |")
+                     f"{kept} | {taus} | {'' if baseline is None else f'{baseline:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -174,14 +198,20 @@ def chain_rows(target, tokenizer, folders: list[Path], domains: dict, contexts: 
 
 
 def promote(target, tokenizer, candidate: str | Path, current: str | Path, domains: dict, contexts: list[int],
-            tree_shape, max_new_tokens: int, prompts: int) -> tuple[bool, list[dict], list[dict]]:
+            tree_shape, max_new_tokens: int, prompts: int, keep_on: list[str] | None = None,
+            ) -> tuple[bool, list[dict], list[dict]]:
     """Measure both drafts on the same prompts (draft alone: no prompt-lookup branch); copy the candidate's
     weights and config over the current draft if its mean tau is higher, and record the run either way.
+
+    `keep_on` names the domains whose cells decide (e.g. the held-out ones a goal is set on); the other domains are
+    measured and recorded all the same. None: every cell decides.
 
     A chain tree is measured teacher-forced on the target's greedy continuations (the same tau, at a fraction of a
     decode's cost, so more prompts fit: :func:`chain_rows`); any other tree by decoding (`longspec eval`'s tau)."""
     from ..evaluation import evaluate
     from ..modeling import LongSpecDraftModel
+
+    check_keep_on(keep_on, domains)
 
     def measured(folder):
         draft = LongSpecDraftModel.from_pretrained(folder)
@@ -201,7 +231,7 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
     else:
         new_rows = measured(candidate)
         old_rows = measured(current) if has_current else []
-    kept = not old_rows or mean_tau(new_rows) > mean_tau(old_rows)
+    kept = is_better(new_rows, old_rows, keep_on)
     history = read_history(current)
     if not history and old_rows:  # the draft before any recorded run: its tau is the starting point
         history = [{"date": datetime.date.today().isoformat(), "run": {"tokens": 0, "seconds": None, "steps": 0,
@@ -211,7 +241,7 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
     setting = (f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, draft alone, greedy, "
                f"{how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
                f"({', '.join(f'{k}={v}' for k, v in domains.items())}), {max_new_tokens} new tokens")
-    history = record(history, run_summary(candidate), new_rows, kept, setting, old_rows)
+    history = record(history, run_summary(candidate), new_rows, kept, setting, old_rows, keep_on)
     if kept:
         current.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "config.json"):
@@ -227,12 +257,17 @@ def promote_cli(args: argparse.Namespace) -> None:
     from ..loading import load_causal_lm
     from ..tree import tree_setting
 
-    target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     domains = dict(d.split("=", 1) for d in args.domain)
+    check_keep_on(args.keep_on, domains)
+    target, tokenizer = load_causal_lm(args.target, args.gguf_file)
     kept, new_rows, old_rows = promote(target, tokenizer, args.candidate, args.draft, domains, args.contexts,
-                                       tree_setting(",".join(args.tree_shape)), args.max_new_tokens, args.prompts)
+                                       tree_setting(",".join(args.tree_shape)), args.max_new_tokens, args.prompts,
+                                       args.keep_on)
     print("candidate:\n" + markdown_table(new_rows))
     if old_rows:
         print("current:\n" + markdown_table(old_rows))
+    over = f" over {', '.join(args.keep_on)}" if args.keep_on else ""
+    new_mean = mean_tau(deciding_rows(new_rows, args.keep_on))
+    old_mean = f" vs {mean_tau(deciding_rows(old_rows, args.keep_on)):.3f}" if old_rows else ""
     print(f"{'kept: the candidate replaces' if kept else 'not kept: the candidate does not beat'} {args.draft} "
-          f"(mean tau {mean_tau(new_rows):.3f}{f' vs {mean_tau(old_rows):.3f}' if old_rows else ''})")
+          f"(mean tau{over} {new_mean:.3f}{old_mean})")
