@@ -256,3 +256,11 @@ def test_promote_refuses_a_keep_on_domain_it_does_not_measure_before_loading_any
     with pytest.raises(SystemExit, match=r"--keep-on names \['prose'\], which no --domain defines"):
         longspec_hf_cli.main(["promote", "--target", str(tmp_path / "no-such-target"), "--candidate", str(tmp_path),
                               "--draft", str(tmp_path), "--domain", "code=installed-code", "--keep-on", "prose"])
+
+
+def test_the_history_table_rounds_tau_once():
+    from longspec_hf.training.history import history_table, record
+
+    rows = [{"domain": "code", "context": 2048, "tau": 760 / 399}]  # 1.90476: 1.905 if rounded to 3 places first
+    entry = record([], {"tokens": 8, "seconds": 1, "steps": 1, "settings": {}}, rows, True, baseline_rows=rows)[-1]
+    assert "| 1.90 | 1.90 |" in history_table([entry])

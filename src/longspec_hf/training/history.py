@@ -83,11 +83,12 @@ def record(history: list[dict], run: dict, tau_rows: list[dict], kept: bool, mea
     before = sum(h["run"]["tokens"] for h in history if h["kept"])
     entry = {"date": datetime.date.today().isoformat(), "run": run, "kept": kept,
              "cumulative_tokens": before + run["tokens"],
-             "tau": {cell_name(r): round(r["tau"], 3) for r in tau_rows if "tau" in r}}
+             # unrounded: the card rounds once (a value rounded here first can round the other way there)
+             "tau": {cell_name(r): r["tau"] for r in tau_rows if "tau" in r}}
     if measured:
         entry["measured"] = measured
     if baseline_rows:
-        entry["kept_draft_mean_tau"] = round(mean_tau(baseline_rows), 3)
+        entry["kept_draft_mean_tau"] = mean_tau(baseline_rows)
     if keep_on:
         entry["decided_on"] = list(keep_on)
     return [*history, entry]
@@ -236,7 +237,7 @@ def promote(target, tokenizer, candidate: str | Path, current: str | Path, domai
     if not history and old_rows:  # the draft before any recorded run: its tau is the starting point
         history = [{"date": datetime.date.today().isoformat(), "run": {"tokens": 0, "seconds": None, "steps": 0,
                                                                        "settings": {}},
-                    "kept": True, "cumulative_tokens": 0, "tau": {cell_name(r): round(r["tau"], 3) for r in old_rows}}]
+                    "kept": True, "cumulative_tokens": 0, "tau": {cell_name(r): r["tau"] for r in old_rows}}]
     how = "teacher-forced on the target's greedy continuations, " if depth else ""
     setting = (f"tree {list(tree_shape) if not isinstance(tree_shape, str) else tree_shape}, draft alone, greedy, "
                f"{how}{prompts} prompts of {', '.join(map(str, contexts))} tokens per domain "
