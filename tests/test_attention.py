@@ -27,6 +27,7 @@ from longspec_hf.attention import (
     torch_attention_lse,
     unstack_heads,
 )
+from longspec_hf.compat import cache_kwarg
 
 NEG = torch.finfo(torch.float32).min
 D = 16
@@ -326,7 +327,7 @@ def test_inside_a_llama_forward(monkeypatch):
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)
     cache = DynamicCache()
-    model(torch.randint(128, (1, 20), generator=g), past_key_values=cache, use_cache=True)
+    model(torch.randint(128, (1, 20), generator=g), use_cache=True, **{cache_kwarg(model): cache})
 
     parents = [-1, 0, 0, 1, 2, 3]
     tree_ids = torch.randint(128, (1, 6), generator=g)
@@ -339,8 +340,8 @@ def test_inside_a_llama_forward(monkeypatch):
     try:
         for impl in ("sdpa", HYBRID_ATTENTION_NAME):
             model.config._attn_implementation = impl
-            logits[impl] = model(tree_ids, position_ids=position_ids, attention_mask=mask,
-                                 past_key_values=copy.deepcopy(cache), use_cache=True, tree_prefix_len=20).logits
+            logits[impl] = model(tree_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                                 tree_prefix_len=20, **{cache_kwarg(model): copy.deepcopy(cache)}).logits
     finally:
         model.config._attn_implementation = previous
     assert model.config._attn_implementation == previous

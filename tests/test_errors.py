@@ -11,6 +11,7 @@ from conftest import COMMON, random_prompt, tiny_target
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longspec_hf import LongSpecDraftModel
+from longspec_hf.compat import cache_kwarg
 
 
 @pytest.fixture
@@ -310,7 +311,7 @@ def test_an_interrupted_generate_leaves_attention_and_prompt_cache_as_they_were(
     ids = random_prompt(30, seed=3)
     cache = DynamicCache()
     with torch.no_grad():
-        target(ids[:, :20], use_cache=True, past_key_values=cache)
+        target(ids[:, :20], use_cache=True, **{cache_kwarg(target): cache})
     keys = cache.layers[0].keys.clone()
 
     class Interrupt(StoppingCriteria):

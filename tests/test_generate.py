@@ -13,6 +13,7 @@ from transformers.generation.stopping_criteria import logger as stopping_logger
 from transformers.utils import logging as hf_logging
 
 from longspec_hf import LongSpecDraftModel, SelfDraft
+from longspec_hf.compat import cache_kwarg
 
 TREES = {"chain": [1, 1, 1, 1], "beam": [4, 16, 16, 16, 16], "narrow": [2, 3, 2]}
 
@@ -163,7 +164,7 @@ def test_prompt_cache_is_continued_losslessly(family, cached, name):
     expected = plain_greedy(target, ids, max_new_tokens=20)
     cache = DynamicCache()
     with torch.no_grad():
-        target(ids[:, :cached], past_key_values=cache, use_cache=True)
+        target(ids[:, :cached], use_cache=True, **{cache_kwarg(target): cache})
     reads = []
     hook = target.get_input_embeddings().register_forward_hook(lambda m, a, o: reads.append(a[0].shape[1]))
     oracle = OracleDrafter(target, expected, [1, 1, 1], corrupt_every=4)
@@ -181,12 +182,12 @@ def test_prompt_cache_errors_name_the_fix():
     draft = make_draft(target, [1, 1])
     full = DynamicCache()
     with torch.no_grad():
-        target(ids, past_key_values=full, use_cache=True)
+        target(ids, use_cache=True, **{cache_kwarg(target): full})
     with pytest.raises(ValueError, match="at least its last token"):
         target.generate(ids, assistant_model=draft, max_new_tokens=4, cache=full)
     wide = DynamicCache()
     with torch.no_grad():
-        target(ids[:, :6].expand(2, 6), past_key_values=wide, use_cache=True)
+        target(ids[:, :6].expand(2, 6), use_cache=True, **{cache_kwarg(target): wide})
     with pytest.raises(ValueError, match="batch size"):
         target.generate(ids, assistant_model=draft, max_new_tokens=4, cache=wide)
 

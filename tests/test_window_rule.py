@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel
+from longspec_hf.compat import cache_kwarg
 from longspec_hf.training import cross_attention_allowed, self_attention_allowed
 from longspec_hf.tree import tree_attention_bias
 from longspec_hf.verify import TargetState
@@ -54,7 +55,8 @@ def target_state(target, ids: torch.LongTensor, mask: torch.Tensor | None = None
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     with torch.no_grad():
-        target(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+               **{cache_kwarg(target): cache})
     return TargetState(cache=cache, valid=None if mask is None else mask.bool(), slot_positions=positions,
                        next_positions=positions[:, -1] + 1)
 
