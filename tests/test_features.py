@@ -201,7 +201,9 @@ def test_training_alongside_an_earlier_store_reads_both(workspace, tmp_path):  #
     (tmp_path / "other.txt").write_text(" ".join(reversed(words[:1500])))
     other = config(workspace, tmp_path / "b", data=[str(tmp_path / "other.txt")], features=str(own),
                    extra_features=[str(earlier)], max_steps=6, draft_vocab_size=48)
+    stamps = {p.name: p.stat().st_mtime_ns for p in earlier.iterdir()}
     draft = train(other, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in earlier.iterdir()} == stamps  # read, not captured again
     counts = FeatureStore(own).top1_counts(96) + FeatureStore(earlier).top1_counts(96)
     assert len(FeatureStore(own)) < len(FeatureStore(earlier))  # the union's ranking is not the own store's alone
     assert torch.equal(draft.draft_vocab, ranked_vocabulary(counts, 48, [2]))

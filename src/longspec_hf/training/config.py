@@ -50,8 +50,7 @@ class TrainConfig:
     features: str | None = None
     extra_features: list[str] = field(default_factory=list, metadata={"help": (
         "feature stores of earlier runs (same target, sequence length, top-k, capture dtype and data version) to "
-        "train on "
-        "alongside --features: one shuffled set of rows")})
+        "train on alongside --features: one shuffled set of rows")})
     # At most this many sequences of plain text, a seeded sample of what --data gives (generated: rows are all kept),
     # e.g. what a feature store should hold.
     max_sequences: int | None = None

@@ -230,7 +230,9 @@ def stdlib_lines() -> frozenset[str]:
 
 def repeats_stdlib(text: str, max_shared: float = 0.3) -> bool:
     """Whether most of a file's long lines are standard-library lines: a vendored stdlib copy or backport
-    (setuptools' distutils, importlib_metadata), which would put training text into the held-out set."""
+    (setuptools' distutils, importlib_metadata, eventlet's green/http/server.py). Such a file mixes the standard
+    library's text into another corpus: training text into the held-out `installed-*` sets, or held-out stdlib
+    files into `pypi:` training text; both leave it out."""
     lines = long_lines(text)
     return bool(lines) and sum(line in stdlib_lines() for line in lines) > max_shared * len(lines)
 
