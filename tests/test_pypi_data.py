@@ -42,6 +42,25 @@ def test_a_pinned_cached_wheel_gives_its_code_and_prose_without_pip(cache, monke
     assert texts == [CODE, README, GUIDE]  # code first, then the description and the docs; no license, no empty file
 
 
+def test_pypi_prose_gives_the_description_and_docs_only(cache, monkeypatch):
+    """No code, no license, and no .txt file: in wheels those are mostly data (lexicons, model dumps)."""
+    wheel = write_wheel(cache)
+    with zipfile.ZipFile(wheel, "a") as archive:
+        archive.writestr("fakepkg/data/words.txt", "abacus\nabdomen\n")
+    write_wheel(cache, name="otherpkg", version="3.1")
+    monkeypatch.setattr(pypi, "run_pip", lambda args: pytest.fail(f"pip ran: {args}"))
+    assert load_texts(["pypi-prose:fakepkg==1.0"]) == [README, GUIDE]
+    both = load_texts(["pypi-prose:otherpkg==3.1,fakepkg==1.0"])
+    assert len(both) == 4 and CODE not in both and LICENSE not in both
+
+
+def test_pypi_prose_refuses_an_installed_distribution_and_an_empty_list(cache):
+    with pytest.raises(ValueError, match="pytest is installed here"):
+        load_texts(["pypi-prose:pytest==1.0"])
+    with pytest.raises(ValueError, match="names no distribution; write pypi-prose:"):
+        load_texts(["pypi-prose:"])
+
+
 def test_an_unpinned_requirement_is_downloaded_by_pip_into_the_cache(cache, monkeypatch):
     calls = []
 

