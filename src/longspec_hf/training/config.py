@@ -17,7 +17,8 @@ class TrainConfig:
     data: list[str] = field(metadata={"help": (
         "text sources: files or folders (.txt .md .rst .py .jsonl), datasets ids (id[:config][@split]), "
         "python-stdlib:train, python-docs:train, pypi:NAME==VERSION[,...] (wheels of distributions that are not "
-        "installed), generated:SOURCE[?options] (the target's own continuations)")})
+        "installed; pypi-prose: their READMEs and .md/.rst docs only), generated:SOURCE[?options] (the target's own "
+        "continuations)")})
     output_dir: str
     gguf_file: str | None = None
     tokenizer: str | None = None
