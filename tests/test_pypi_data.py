@@ -55,7 +55,7 @@ def test_pypi_prose_gives_the_description_and_docs_only(cache, monkeypatch):
 
 
 def test_pypi_prose_refuses_an_installed_distribution_and_an_empty_list(cache):
-    with pytest.raises(ValueError, match="pytest is installed here"):
+    with pytest.raises(ValueError, match="pypi-prose:pytest==1.0: pytest is installed here"):
         load_texts(["pypi-prose:pytest==1.0"])
     with pytest.raises(ValueError, match="names no distribution; write pypi-prose:"):
         load_texts(["pypi-prose:"])

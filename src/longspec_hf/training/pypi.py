@@ -136,7 +136,7 @@ def pypi_texts(source: str, installed: set[str]) -> list[str]:
         name = requirement_name(requirement)
         if distribution_key(name) in installed:
             raise ValueError(
-                f"pypi:{requirement}: {name} is installed here, so its sources are held-out evaluation text "
+                f"{prefix}:{requirement}: {name} is installed here, so its sources are held-out evaluation text "
                 "(installed-code / installed-prose) and must not be trained on; choose a distribution that is not "
                 "installed.")
         code, prose = wheel_texts(download_wheel(requirement), prose_suffixes)
