@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
+from .pypi import PREFIXES as PYPI_PREFIXES
 from .pypi import distribution_key, pypi_texts
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 INSTALLED_CORPORA = ("installed-code", "installed-prose")
 GENERATED_PREFIX = "generated:"
-PYPI_PREFIXES = ("pypi:", "pypi-prose:")
 # "generated" only reaches `offline_corpus` to be refused with the fix: it needs the target, which text loading lacks.
 OFFLINE_CORPORA = ("python-stdlib", "python-docs", *INSTALLED_CORPORA, GENERATED_PREFIX.rstrip(":"))
 INSTALLED_BUDGET = 2_000_000  # characters: several 8k-token prompt windows for 8 prompts, spread over the packages

@@ -92,9 +92,10 @@ def download_wheel(requirement: str) -> Path:
     return wheel if wheel.is_absolute() else folder / wheel.name
 
 
-def wheel_texts(wheel: Path, prose_suffixes: tuple[str, ...] = PROSE_SUFFIXES) -> tuple[list[str], list[str]]:
-    """(code, prose) of one wheel: its `.py` files in path order; its description and its documentation files (those
-    ending in `prose_suffixes`)."""
+def wheel_texts(wheel: Path, code_suffixes: tuple[str, ...] = CODE_SUFFIXES,
+                prose_suffixes: tuple[str, ...] = PROSE_SUFFIXES) -> tuple[list[str], list[str]]:
+    """(code, prose) of one wheel: its files ending in `code_suffixes` in path order (none are read for `()`); its
+    description and its documentation files (those ending in `prose_suffixes`)."""
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
@@ -105,7 +106,7 @@ def wheel_texts(wheel: Path, prose_suffixes: tuple[str, ...] = PROSE_SUFFIXES) -
         def read(member: str) -> str:
             return archive.read(member).decode("utf-8", errors="ignore")
 
-        code = [read(n) for n in names if n.endswith(CODE_SUFFIXES)]
+        code = [read(n) for n in names if code_suffixes and n.endswith(code_suffixes)]
         prose = [read(n) for n in names if n.endswith(prose_suffixes) and ".dist-info/" not in n
                  and not LICENSE_NAME.search(n)]
         metadata = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -119,15 +120,16 @@ def kept(texts: list[str]) -> list[str]:
     return [t for t in texts if t.strip() and len(t) <= MAX_FILE_CHARS]
 
 
-# Source prefix -> (whether it reads the code, the suffixes of the documentation files it reads).
-PARTS = {"pypi": (True, PROSE_SUFFIXES), "pypi-prose": (False, WRITTEN_SUFFIXES)}
+# Source prefix -> (suffixes of the code files it reads, suffixes of the documentation files it reads).
+PARTS = {"pypi": (CODE_SUFFIXES, PROSE_SUFFIXES), "pypi-prose": ((), WRITTEN_SUFFIXES)}
+PREFIXES = tuple(f"{name}:" for name in PARTS)
 
 
 def pypi_texts(source: str, installed: set[str]) -> list[str]:
     """Documents of a ``pypi:`` source (per distribution, its code then its prose) or a ``pypi-prose:`` one (its prose
     only). `installed`: the normalised names of the installed distributions (refused)."""
     prefix, _, body = source.partition(":")
-    with_code, prose_suffixes = PARTS[prefix]
+    code_suffixes, prose_suffixes = PARTS[prefix]
     requirements = [r.strip() for r in body.split(",") if r.strip()]
     if not requirements:
         raise ValueError(f"{source} names no distribution; write {prefix}:<name>==<version>[,<name>==<version>...].")
@@ -139,6 +141,6 @@ def pypi_texts(source: str, installed: set[str]) -> list[str]:
                 f"{prefix}:{requirement}: {name} is installed here, so its sources are held-out evaluation text "
                 "(installed-code / installed-prose) and must not be trained on; choose a distribution that is not "
                 "installed.")
-        code, prose = wheel_texts(download_wheel(requirement), prose_suffixes)
-        texts.extend((code if with_code else []) + prose)
+        code, prose = wheel_texts(download_wheel(requirement), code_suffixes, prose_suffixes)
+        texts.extend(code + prose)
     return texts
