@@ -94,7 +94,7 @@ def download_wheel(requirement: str) -> Path:
 
 def wheel_texts(wheel: Path, code_suffixes: tuple[str, ...] = CODE_SUFFIXES,
                 prose_suffixes: tuple[str, ...] = PROSE_SUFFIXES) -> tuple[list[str], list[str]]:
-    """(code, prose) of one wheel: its files ending in `code_suffixes` in path order (none are read for `()`); its
+    """(code, prose) of one wheel: its files ending in `code_suffixes` in path order (`()`: none); its
     description and its documentation files (those ending in `prose_suffixes`)."""
     try:
         archive = zipfile.ZipFile(wheel)
@@ -106,7 +106,7 @@ def wheel_texts(wheel: Path, code_suffixes: tuple[str, ...] = CODE_SUFFIXES,
         def read(member: str) -> str:
             return archive.read(member).decode("utf-8", errors="ignore")
 
-        code = [read(n) for n in names if code_suffixes and n.endswith(code_suffixes)]
+        code = [read(n) for n in names if n.endswith(code_suffixes)]
         prose = [read(n) for n in names if n.endswith(prose_suffixes) and ".dist-info/" not in n
                  and not LICENSE_NAME.search(n)]
         metadata = [n for n in names if n.endswith(".dist-info/METADATA")]
