@@ -11,7 +11,7 @@ from test_training import config, workspace  # noqa: F401 - the module's fixture
 
 from longspec_hf import LongSpecDraftModel
 from longspec_hf.training import train
-from longspec_hf.training.features import FeatureStore, StoreUnion, capture_features
+from longspec_hf.training.features import FeatureStore, StoreUnion, capture_features, pad_rows
 from longspec_hf.training.history import run_summary
 from longspec_hf.training.objective import draft_loss, feature_loss, token_weights
 from longspec_hf.vocabulary import ranked_vocabulary
@@ -192,6 +192,48 @@ def test_a_union_of_stores_reads_each_row_from_its_own_store(tmp_path):
     assert torch.equal(union.top1_counts(96), first.top1_counts(96) + second.top1_counts(96))
     with pytest.raises(IndexError):
         union.rows([5])
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_padded_rows_give_the_loss_of_the_rows_themselves(tmp_path, lag):
+    """Rows of an earlier, shorter store, right-padded into a run of longer rows: the same loss, alone and beside a
+    row of full length (pads weigh nothing and no real token attends to one)."""
+    target = tiny_target("llama")
+    torch.manual_seed(5)
+    draft = LongSpecDraftModel.from_target(target, sink_size=2, window_size=8)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 6:] = True  # a generated row: prompt, then continuation
+    mask[1] = True  # a plain row: every token scored
+    short = capture_features(target, torch.cat([random_prompt(16, seed=s) for s in (1, 2)]),
+                             torch.arange(16).repeat(2, 1) + torch.tensor([[0], [300]]), mask, tmp_path / "short",
+                             {"s": 1}, "s", top_k=96, dtype="fp32", progress=False)
+    full = capture_features(target, random_prompt(24, seed=3), torch.arange(24)[None], None, tmp_path / "full",
+                            {"f": 1}, "f", top_k=96, dtype="fp32", progress=False)
+    rows = short.rows([0, 1])
+    padded = pad_rows(rows, 24)
+    assert padded["key"].shape[2] == padded["input_ids"].shape[1] == 24
+    assert torch.equal(padded["position_ids"][1, 16:], torch.full((8,), 315, dtype=torch.int32))
+    assert not padded["loss_mask"][:, 16:].any()
+    for weight in (0.0, 0.3):
+        torch.testing.assert_close(feature_loss(draft, padded, lag, weight), feature_loss(draft, rows, lag, weight))
+    union = StoreUnion([full, short])
+    assert union.seq_len == 24 and union.rows([1, 0])["input_ids"].shape == (2, 24)
+    # Beside a full row, the padded one counts as itself: the weighted mean over both rows' real tokens.
+    alone = [feature_loss(draft, union.rows([i]), lag, 0.3) for i in (0, 1)]
+    weights = [token_weights(union.rows([i])["loss_mask"], 0.3)[:, lag + 1:].sum() for i in (0, 1)]
+    expected = (alone[0] * weights[0] + alone[1] * weights[1]) / (weights[0] + weights[1])
+    torch.testing.assert_close(feature_loss(draft, union.rows([0, 1]), lag, 0.3), expected)
+
+
+def test_a_run_of_longer_rows_rehearses_an_earlier_store_of_shorter_ones(workspace, tmp_path):  # noqa: F811
+    earlier = tmp_path / "earlier"
+    train(config(workspace, tmp_path / "a", features=str(earlier), seq_len=32, max_steps=1), progress=False)
+    longer = config(workspace, tmp_path / "b", features=str(tmp_path / "own"), extra_features=[str(earlier)],
+                    max_steps=4)
+    draft = train(longer, progress=False)
+    assert all(torch.isfinite(p).all() for p in draft.parameters())
+    steps = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(0 < s["loss"] < 50 for s in steps)
 
 
 def test_training_alongside_an_earlier_store_reads_both(workspace, tmp_path):  # noqa: F811

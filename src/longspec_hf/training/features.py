@@ -19,6 +19,7 @@ missing shard; a manifest made for another target or other settings is refused r
 
 A run can also read stores captured by earlier runs (:class:`StoreUnion`, ``--extra-features``): a later run on new
 text then rehearses the earlier runs' text for the cost of reading it, instead of forgetting it or capturing it again.
+An earlier store of shorter rows rehearses in a run of longer ones, its rows right-padded (:func:`pad_rows`).
 """
 
 from __future__ import annotations
@@ -144,12 +145,35 @@ class FeatureStore:
         return counts
 
 
+def pad_rows(rows: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Rows `[b, l, ...]` right-padded to `[b, length, ...]` along the sequence (dim 2 of `key`/`value`, dim 1 of the
+    rest). Exact for the real tokens: both draft masks are causal, so none of them sees a pad, and a pad's
+    `loss_mask` 0 after the row's last scored token gives it weight 0 (:func:`~.objective.token_weights`). A pad
+    repeats the row's last position, so no pad reaches past the positions the row was captured at."""
+    short = rows["input_ids"].shape[1]
+    if short == length:
+        return rows
+    padded = {}
+    for name, tensor in rows.items():
+        dim = 2 if name in ("key", "value") else 1
+        if name == "position_ids":
+            fill = tensor[:, -1:].expand(-1, length - short)
+        else:
+            shape = list(tensor.shape)
+            shape[dim] = length - short
+            fill = tensor.new_zeros(shape)
+        padded[name] = torch.cat([tensor, fill], dim=dim)
+    return padded
+
+
 class StoreUnion:
-    """Several stores read as one: the rows of the first, then those of the second, and so on. The stores must hold
-    rows of one shape (same sequence length and top-k, same target): :func:`check_compatible`."""
+    """Several stores read as one: the rows of the first, then those of the second, and so on. The stores hold rows
+    of one top-k and target (:func:`check_compatible`); rows shorter than the longest are right-padded to it
+    (:func:`pad_rows`), so a batch mixes them."""
 
     def __init__(self, stores: list[FeatureStore]):
         self.stores = stores
+        self.seq_len = max(store.manifest["seq_len"] for store in stores)
         self.starts = [0]
         for store in stores:
             self.starts.append(self.starts[-1] + len(store))
@@ -165,7 +189,7 @@ class StoreUnion:
         return store, index - self.starts[store]
 
     def rows(self, indices) -> dict[str, torch.Tensor]:
-        picked = [self.stores[s].rows([row]) for s, row in map(self.locate, map(int, indices))]
+        picked = [pad_rows(self.stores[s].rows([row]), self.seq_len) for s, row in map(self.locate, map(int, indices))]
         return {name: torch.cat([p[name] for p in picked]) for name in picked[0]}
 
     def top1_counts(self, vocab_size: int) -> torch.Tensor:
@@ -173,13 +197,16 @@ class StoreUnion:
 
 
 def check_compatible(store: FeatureStore, seq_len: int, top_k: int, capture_dtype: str, fingerprint: str) -> None:
-    """Refuse an earlier store that cannot train alongside this run's: other row shapes, another capture precision, or
-    another target (`fingerprint`: :func:`~longspec_hf.training.generated.weights_fingerprint` of the target loaded in
-    `capture_dtype`, which together with the store's settings must give the store's key)."""
+    """Refuse an earlier store that cannot train alongside this run's: longer rows (shorter ones are padded), another
+    top-k, another capture precision, or another target (`fingerprint`:
+    :func:`~longspec_hf.training.generated.weights_fingerprint` of the target loaded in `capture_dtype`, which together
+    with the store's settings must give the store's key)."""
     found = store.manifest
     settings = found.get("settings", {})
-    mismatched = {name: (found.get(name), wanted) for name, wanted in (("seq_len", seq_len), ("top_k", top_k))
-                  if found.get(name) != wanted}
+    mismatched = {"top_k": (found.get("top_k"), top_k)} if found.get("top_k") != top_k else {}
+    if found.get("seq_len", seq_len + 1) > seq_len:
+        mismatched["seq_len"] = (found.get("seq_len"), f"{seq_len}; an earlier store's rows may be shorter, not "
+                                 "longer")
     if settings.get("capture_dtype") != capture_dtype:
         mismatched["capture_dtype"] = (settings.get("capture_dtype"), capture_dtype)
     if mismatched:
