@@ -50,8 +50,8 @@ class TrainConfig:
     # from --data once, then read every epoch) instead of a target forward per step. Captured if missing.
     features: str | None = None
     extra_features: list[str] = field(default_factory=list, metadata={"help": (
-        "feature stores of earlier runs (same target, sequence length, top-k, capture dtype and data version) to "
-        "train on alongside --features: one shuffled set of rows")})
+        "feature stores of earlier runs (same target, top-k, capture dtype and data version; rows as long as "
+        "--seq-len or shorter, right-padded) to train on alongside --features: one shuffled set of rows")})
     # At most this many sequences of plain text, a seeded sample of what --data gives (generated: rows are all kept),
     # e.g. what a feature store should hold.
     max_sequences: int | None = None
