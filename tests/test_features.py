@@ -14,6 +14,7 @@ from longspec_hf.training import train
 from longspec_hf.training.features import FeatureStore, StoreUnion, capture_features, pad_rows
 from longspec_hf.training.history import run_summary
 from longspec_hf.training.objective import draft_loss, feature_loss, token_weights
+from longspec_hf.training.trainer import micro_batch
 from longspec_hf.vocabulary import ranked_vocabulary
 
 
@@ -234,6 +235,11 @@ def test_a_run_of_longer_rows_rehearses_an_earlier_store_of_shorter_ones(workspa
     assert all(torch.isfinite(p).all() for p in draft.parameters())
     steps = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps) == 4 and all(0 < s["loss"] < 50 for s in steps)
+    # Tokens trained count a padded row at its own length: the rows the four steps read, own rows first.
+    lengths = torch.tensor([64] * len(FeatureStore(tmp_path / "own")) + [32] * len(FeatureStore(earlier)))
+    read = torch.cat([micro_batch(torch.arange(len(lengths)), longer, i, 0, 1) for i in range(4)])
+    assert (lengths[read] == 32).any()  # an earlier, padded row was read
+    assert [s["tokens"] for s in steps] == lengths[read].cumsum(0).tolist()
 
 
 def test_training_alongside_an_earlier_store_reads_both(workspace, tmp_path):  # noqa: F811

@@ -134,6 +134,10 @@ class FeatureStore:
             picked.append({name: handle.get_slice(name)[offset:offset + 1] for name in handle.keys()})
         return {name: torch.cat([p[name] for p in picked]) for name in picked[0]}
 
+    def row_lengths(self) -> torch.LongTensor:
+        """`[N]` tokens of each row (a store's rows are all as long)."""
+        return torch.full((len(self),), self.manifest["seq_len"], dtype=torch.long)
+
     def top1_counts(self, vocab_size: int) -> torch.Tensor:
         """How often each token is the target's most likely next token over the scored tokens of the store: the
         ranking of a draft vocabulary (:func:`~longspec_hf.vocabulary.ranked_vocabulary`)."""
@@ -191,6 +195,10 @@ class StoreUnion:
     def rows(self, indices) -> dict[str, torch.Tensor]:
         picked = [pad_rows(self.stores[s].rows([row]), self.seq_len) for s, row in map(self.locate, map(int, indices))]
         return {name: torch.cat([p[name] for p in picked]) for name in picked[0]}
+
+    def row_lengths(self) -> torch.LongTensor:
+        """`[N]` tokens of each row before padding: what a step on it trains."""
+        return torch.cat([store.row_lengths() for store in self.stores])
 
     def top1_counts(self, vocab_size: int) -> torch.Tensor:
         return sum(store.top1_counts(vocab_size) for store in self.stores)

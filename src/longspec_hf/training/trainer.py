@@ -125,6 +125,13 @@ def micro_batch(data: torch.LongTensor, config: TrainConfig, index: int, rank: i
     return data[order[picks]]
 
 
+def micro_batch_tokens(lengths: torch.LongTensor, config: TrainConfig, index: int, world: int) -> int:
+    """Tokens of the `index`-th global micro-batch (every process's rows) of a feature store whose rows hold
+    `lengths [N]` tokens: a row padded into a run of longer rows counts its own tokens, not the pads."""
+    rows = torch.arange(len(lengths))
+    return sum(int(lengths[micro_batch(rows, config, index, rank, world)].sum()) for rank in range(world))
+
+
 def step_generator(config: TrainConfig, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1000003 + index)
 
@@ -194,6 +201,15 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         state = LongSpecDraftModel.from_pretrained(checkpoint).state_dict()
         accelerator.unwrap_model(draft_model).load_state_dict(state)
         start = load_training_state(checkpoint, optimizer, scheduler)["step"]
+    world = accelerator.num_processes
+    lengths = store.row_lengths() if store is not None else torch.full((1,), config.seq_len)
+
+    def tokens_of(index: int) -> int:  # the global micro-batch `index`
+        if store is None:
+            return config.batch_size * config.seq_len * world
+        return micro_batch_tokens(lengths, config, index, world)
+
+    trained = sum(map(tokens_of, range(start * config.grad_accum)))  # by the steps a resumed run has done
     earlier_seconds = 0.0  # of the interrupted run this one resumes (the log's time is the run's, not the sitting's)
     if accelerator.is_main_process:
         earlier_seconds = trim_log(out, start)
@@ -213,7 +229,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
                 with accelerator.accumulate(draft_model), accelerator.autocast():
                     loss = feature_loss(draft_model, batch, lag, config.prompt_weight)
                     optimizer_step(accelerator, draft_model, optimizer, scheduler, loss, config)
-                tokens += batch["input_ids"].numel() * accelerator.num_processes
+                tokens += tokens_of(index)
                 continue
             ids = micro_batch(data, config, index, accelerator.process_index, accelerator.num_processes)
             # The same rows (the permutation depends on the index only): which of their tokens are scored.
@@ -229,7 +245,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
             with accelerator.accumulate(draft_model), accelerator.autocast():
                 loss = draft_loss(draft_model, target, ids, positions, lag, config.loss, mask, config.prompt_weight)
                 optimizer_step(accelerator, draft_model, optimizer, scheduler, loss, config)
-            tokens += ids.numel() * accelerator.num_processes
+            tokens += tokens_of(index)
         bar.update(1)
         tokens_per_s = tokens / (time.perf_counter() - t0)
         loss = accelerator.reduce(loss.detach(), "mean")  # the step's loss over every process's rows
@@ -237,8 +253,7 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         if accelerator.is_main_process:
             log_step(out, {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": round(tokens_per_s, 1),
-                           "tokens": (step + 1) * config.grad_accum * config.batch_size * config.seq_len
-                           * accelerator.num_processes,
+                           "tokens": trained + tokens,
                            "seconds": round(earlier_seconds + time.perf_counter() - t0, 1)})
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
             save_checkpoint(accelerator, draft_model, optimizer, scheduler, out / f"checkpoint-{step + 1}", step + 1,
