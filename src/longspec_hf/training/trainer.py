@@ -202,10 +202,10 @@ def train(config: TrainConfig, progress: bool = True) -> LongSpecDraftModel:
         accelerator.unwrap_model(draft_model).load_state_dict(state)
         start = load_training_state(checkpoint, optimizer, scheduler)["step"]
     world = accelerator.num_processes
-    lengths = store.row_lengths() if store is not None else torch.full((1,), config.seq_len)
+    lengths = store.row_lengths() if store is not None else None
 
     def tokens_of(index: int) -> int:  # the global micro-batch `index`
-        if store is None:
+        if lengths is None:
             return config.batch_size * config.seq_len * world
         return micro_batch_tokens(lengths, config, index, world)
 
