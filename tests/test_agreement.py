@@ -126,3 +126,36 @@ def test_eval_teacher_forced_gives_the_decoded_tau_per_cell():
         evaluation.evaluate(target, draft, tokenizer, domains, [24], 12, teacher_forced=True)
     with pytest.raises(ValueError, match="drop --teacher-forced"):
         evaluation.evaluate(target, load_draft("self", target), tokenizer, domains, [24], 12, teacher_forced=True)
+
+
+def test_greedy_continuations_are_generated_once_and_read_back(monkeypatch, tmp_path):
+    """The held-out continuations a promotion scores on are kept on disk: the second measurement of the same prompts
+    runs no generate(), other settings or another target generate again, and a cut file is generated again."""
+    from longspec_hf import continuations
+
+    monkeypatch.setenv("LONGSPEC_HF_CACHE", str(tmp_path))
+    target, _ = load_causal_lm("toy:llama")
+    prompts = [torch.randint(3, 200, (1, PROMPT), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    first = greedy_continuations(target, prompts, NEW)
+    files = [continuations.continuation_path(continuations.continuation_key(target, p, NEW)) for p in prompts]
+    assert sorted((tmp_path / "continuations").glob("*.safetensors")) == sorted(files)
+
+    calls = []
+    generate = target.generate
+    monkeypatch.setattr(target, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    again = greedy_continuations(target, prompts, NEW)
+    assert calls == []
+    for (full, view, length), (full2, view2, length2) in zip(first, again, strict=True):
+        assert torch.equal(full, full2) and length == length2 == PROMPT and full.shape[1] == PROMPT + NEW
+        assert all(torch.equal(a, b) for a, b in zip(view, view2, strict=True))
+    assert continuations.read_continuation(files[0], prompts[1]) is None  # checked against its prompt
+
+    greedy_continuations(target, prompts[:1], NEW - 1)  # other settings: another file
+    assert len(calls) == 1
+    other, _ = load_causal_lm("toy:qwen2")
+    assert continuations.continuation_key(other, prompts[0], NEW) != continuations.continuation_key(
+        target, prompts[0], NEW)
+    files[0].write_bytes(files[0].read_bytes()[:20])  # a cut file is generated again, and rewritten whole
+    assert continuations.read_continuation(files[0], prompts[0]) is None
+    assert torch.equal(greedy_continuations(target, prompts[:1], NEW)[0][0], first[0][0])
+    assert len(calls) == 2 and torch.equal(continuations.read_continuation(files[0], prompts[0]), first[0][0])

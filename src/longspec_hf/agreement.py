@@ -100,11 +100,13 @@ def measure_agreement(target, draft, prompts: list[torch.LongTensor], lags: list
 @torch.no_grad()
 def greedy_continuations(target, prompts: list[torch.LongTensor], max_new_tokens: int) -> list[tuple]:
     """Per prompt `[1, T]`: `(sequence [1, T + n], target_view of it, T)`, the sequence being the target's plain
-    greedy continuation: what any lossless greedy decode of that prompt returns."""
+    greedy continuation: what any lossless greedy decode of that prompt returns (kept on disk once generated:
+    `longspec_hf.continuations`)."""
+    from .continuations import greedy_continuation
+
     items = []
     for ids in prompts:
-        full = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=max_new_tokens)  # [1, T + n]
+        full = greedy_continuation(target, ids, max_new_tokens)  # [1, T + n]
         items.append((full, target_view(target, full), ids.shape[1]))
     return items
 
