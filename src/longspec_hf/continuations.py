@@ -46,7 +46,7 @@ def read_continuation(path: Path, input_ids: torch.LongTensor) -> torch.LongTens
     """The stored sequence `[1, T + n]`, or None where there is none or it is unreadable or of another prompt."""
     try:
         sequence = load_file(str(path))["sequence"]
-    except (FileNotFoundError, SafetensorError, KeyError, OSError):
+    except (OSError, SafetensorError, KeyError):  # absent, cut or foreign: generate again
         return None
     prompt = input_ids.cpu()
     if sequence.dim() != 2 or sequence.shape[1] < prompt.shape[1] or not torch.equal(
